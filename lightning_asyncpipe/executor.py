@@ -1,0 +1,176 @@
+"""The one interpreter: runs a stage's list of actions with a transport and a weight policy.
+
+Each call to :meth:`PipelineExecutor.run` executes one Lightning step's actions in order::
+
+    F(j)  1. get the stage input: stage 0 asks the hooks (the user's step up to the pipelined
+             nn.Sequential), other stages wait for the receive posted at the start of the step
+          2. run the layers through ``policy.forward`` (the policy picks the weight version)
+          3. last stage: hand the output to the hooks (the user's step computes the loss), keep the
+             loss; other stages: send the output, keep (input, output) and post the receive of
+             its gradient
+    B(j)  4. backpropagate the kept loss, or the output with the received gradient
+          5. send the input's gradient to the previous stage
+    U(k)  6. ``policy.update(k, apply)``: the policy decides which weights the update lands on,
+             ``apply`` performs one optimizer update of the live weights
+
+Each step is atomic with respect to the other stages: everything a step receives is sent by a
+neighbour in the same or an earlier step (see :mod:`lightning_asyncpipe.schedule`), so a barrier
+or collective between two steps cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from lightning_asyncpipe.comm import PendingRecv, TensorMeta, Transport
+from lightning_asyncpipe.errors import AsyncPipeError, PipelineConfigError
+from lightning_asyncpipe.partition import computing
+from lightning_asyncpipe.policies.base import WeightPolicy
+from lightning_asyncpipe.schedule import Action, ActionKind
+
+__all__ = ["StepHooks", "PipelineExecutor", "ActionTiming", "as_tensors"]
+
+
+class StepHooks(Protocol):
+    """What the executor needs from the code around it for one step."""
+
+    def key(self, microbatch: int) -> Hashable:
+        """A hashable description of micro-batch ``microbatch``'s input shapes."""
+        ...
+
+    def stage_inputs(self, microbatch: int) -> tuple[Tensor, ...]:
+        """Stage 0 only: the input of the first layer for ``microbatch``."""
+        ...
+
+    def stage_outputs(self, microbatch: int, outputs: Any) -> Optional[Tensor]:
+        """Last stage only: consume the pipeline's output; return the weighted loss to backpropagate
+        (training) or ``None`` (evaluation)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ActionTiming:
+    """When one action ran on this stage and how long it waited for a transfer."""
+
+    action: Action
+    start: float
+    end: float
+    wait: float
+
+
+def as_tensors(outputs: Any, stage: int) -> tuple[Tensor, ...]:
+    """A stage's output as a tuple of tensors, or a clear error."""
+    items = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    if not items or not all(isinstance(t, Tensor) for t in items):
+        raise PipelineConfigError(
+            f"Stage {stage} produced {type(outputs).__name__} "
+            f"{[type(t).__name__ for t in items] if isinstance(outputs, (tuple, list)) else ''}: only a tensor or a "
+            "tuple of tensors can cross a stage boundary. Return tensors from the layers at stage boundaries, or "
+            "choose another balance."
+        )
+    return tuple(items)
+
+
+class PipelineExecutor:
+    """Runs one stage's actions.
+
+    Args:
+        module: the stage's layers.
+        stage: this stage's index.
+        n_stages: stages in the pipeline.
+        transport: how tensors reach the neighbouring stages.
+        policy: the weight-version policy.
+        apply_update: performs one optimizer update of the live weights (called by the policy).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        stage: int,
+        n_stages: int,
+        transport: Transport,
+        policy: WeightPolicy,
+        apply_update: Callable[[], None],
+    ) -> None:
+        self.module, self.stage, self.n_stages = module, stage, n_stages
+        self.transport, self.policy, self.apply_update = transport, policy, apply_update
+        self.is_first, self.is_last = stage == 0, stage == n_stages - 1
+        self._in_flight: dict[int, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {}
+        self._act_recv: dict[int, PendingRecv] = {}
+        self._grad_recv: dict[int, PendingRecv] = {}
+        self.timings: list[ActionTiming] = []
+        self.record_timings = True
+
+    @property
+    def in_flight(self) -> list[int]:
+        """Micro-batches forwarded on this stage and not yet backpropagated."""
+        return sorted(self._in_flight)
+
+    def run(self, actions: Sequence[Action], hooks: StepHooks, train: bool = True) -> None:
+        """Execute ``actions`` in order (``train=False``: forwards only, no state kept)."""
+        if not self.is_first:
+            for a in actions:
+                if a.kind is ActionKind.FORWARD:
+                    self._act_recv[a.index] = self.transport.recv_activation(hooks.key(a.index))
+        for a in actions:
+            waited = self.transport.wait_seconds
+            start = time.perf_counter()
+            if a.kind is ActionKind.FORWARD:
+                self._forward(a.index, hooks, train)
+            elif a.kind is ActionKind.BACKWARD:
+                self._backward(a.index)
+            else:
+                self.policy.update(a.index, self.apply_update)
+            if self.record_timings:
+                self.timings.append(ActionTiming(a, start, time.perf_counter(), self.transport.wait_seconds - waited))
+
+    def _forward(self, j: int, hooks: StepHooks, train: bool) -> None:
+        inputs = hooks.stage_inputs(j) if self.is_first else self._act_recv.pop(j).wait()
+        with computing(self.module):
+            outputs = self.policy.forward(self.module, inputs, j)
+        if self.is_last:
+            loss = hooks.stage_outputs(j, outputs)
+            if train:
+                if loss is None or not isinstance(loss, Tensor) or not loss.requires_grad:
+                    raise PipelineConfigError(
+                        f"The training step returned {type(loss).__name__} for micro-batch {j}: in automatic "
+                        "optimization it must return a loss tensor that requires grad (or a dict with 'loss')."
+                    )
+                self._in_flight[j] = (inputs, (loss,))
+            return
+        out = as_tensors(outputs, self.stage)
+        if train and not any(t.requires_grad for t in out):
+            raise PipelineConfigError(
+                f"Stage {self.stage}'s output for micro-batch {j} does not require grad, so no gradient can flow back "
+                "through the pipeline. Make sure the layers before this stage boundary have trainable parameters "
+                "or take inputs that require grad."
+            )
+        self.transport.send_activation(out, hooks.key(j))
+        if train:
+            self._in_flight[j] = (inputs, out)
+            self._grad_recv[j] = self.transport.recv_grad([TensorMeta.of(t) for t in out if t.requires_grad])
+
+    def _backward(self, j: int) -> None:
+        try:
+            inputs, outputs = self._in_flight.pop(j)
+        except KeyError:
+            raise AsyncPipeError(f"Stage {self.stage} has no forward state for micro-batch {j}.") from None
+        if self.is_last:
+            torch.autograd.backward(outputs[0])
+        else:
+            grads = self._grad_recv.pop(j).wait()
+            torch.autograd.backward([t for t in outputs if t.requires_grad], list(grads))
+        if not self.is_first:
+            self.transport.send_grad(
+                [x.grad if x.grad is not None else torch.zeros_like(x) for x in inputs if x.requires_grad]
+            )
+
+    def pop_timings(self) -> list[ActionTiming]:
+        timings, self.timings = self.timings, []
+        return timings

@@ -1,0 +1,139 @@
+"""Splitting batches into micro-batches and merging per-micro-batch outputs back.
+
+A batch is any nesting of tuples, lists and dicts whose tensor leaves share their first dimension
+(the batch dimension). Tensors are split along dim 0 with ``torch.tensor_split`` (so an uneven last
+chunk is fine: 10 samples in 4 chunks give 3, 3, 2, 2); any other leaf (a string, an int, ``None``)
+is handed unchanged to every micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_asyncpipe.errors import PipelineConfigError
+
+__all__ = ["batch_size", "split", "merge", "microbatch_weights", "signature"]
+
+
+def _leaves(obj: Any) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _leaves(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _leaves(v)]
+    return []
+
+
+def batch_size(batch: Any) -> int:
+    """The size of the batch dimension shared by every tensor of ``batch``.
+
+    Raises:
+        PipelineConfigError: if the batch holds no tensor, a 0-d tensor, or tensors whose first
+            dimensions differ.
+    """
+    leaves = _leaves(batch)
+    if not leaves:
+        raise PipelineConfigError(
+            f"AsyncPipeStrategy cannot split a batch of type {type(batch).__name__} into micro-batches: it contains "
+            "no tensor. Return tensors (or tuples, lists or dicts of tensors) from your DataLoader."
+        )
+    sizes = {t.shape[0] if t.dim() > 0 else None for t in leaves}
+    if None in sizes:
+        raise PipelineConfigError(
+            "AsyncPipeStrategy cannot split a batch that holds a 0-d tensor: every tensor needs a batch dimension "
+            "to be split into micro-batches."
+        )
+    if len(sizes) != 1:
+        raise PipelineConfigError(
+            f"AsyncPipeStrategy splits batches along dim 0, but the batch's tensors have different first dimensions "
+            f"{sorted(s for s in sizes if s is not None)}. Make every tensor of a batch share its batch dimension."
+        )
+    return int(next(iter(sizes)))  # type: ignore[arg-type]
+
+
+def split(batch: Any, chunks: int) -> list[Any]:
+    """Split ``batch`` into ``chunks`` micro-batches along dim 0.
+
+    Args:
+        batch: a tensor, or a tuple, list or dict (nested) of tensors and other values.
+        chunks: the number of micro-batches.
+
+    Returns:
+        A list of ``chunks`` batches of the same structure.
+
+    Raises:
+        PipelineConfigError: if ``chunks < 1``, the batch cannot be split, or it holds fewer
+            samples than ``chunks``.
+
+    Example::
+
+        >>> [t.tolist() for t, _ in split((torch.arange(5), "tag"), 2)]
+        [[0, 1, 2], [3, 4]]
+    """
+    if chunks < 1:
+        raise PipelineConfigError(f"microbatches must be >= 1, got {chunks}.")
+    n = batch_size(batch)
+    if n < chunks:
+        raise PipelineConfigError(
+            f"AsyncPipeStrategy got a batch of {n} samples, fewer than microbatches={chunks}: every micro-batch "
+            f"needs at least one sample. Use a batch size >= {chunks} (and drop_last=True if the last batch of an "
+            "epoch is smaller), or lower `microbatches`."
+        )
+    return [_take(batch, chunks, i) for i in range(chunks)]
+
+
+def _take(obj: Any, chunks: int, i: int) -> Any:
+    if isinstance(obj, Tensor):
+        return torch.tensor_split(obj, chunks, dim=0)[i]
+    if isinstance(obj, Mapping):
+        items = {k: _take(v, chunks, i) for k, v in obj.items()}
+        return items if type(obj) is dict else type(obj)(items)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(_take(v, chunks, i) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_take(v, chunks, i) for v in obj)
+    return obj
+
+
+def merge(outputs: Sequence[Any]) -> Any:
+    """Merge per-micro-batch outputs back into one batch output (the inverse of :func:`split`).
+
+    Tensors with a batch dimension are concatenated along dim 0, 0-d tensors are stacked,
+    containers are merged element by element, ``None`` stays ``None`` and any other leaf becomes
+    the list of its per-micro-batch values.
+    """
+    if not outputs:
+        raise ValueError("merge() needs at least one output.")
+    first = outputs[0]
+    if first is None and all(o is None for o in outputs):
+        return None
+    if isinstance(first, Tensor):
+        return torch.stack(list(outputs)) if first.dim() == 0 else torch.cat(list(outputs), dim=0)
+    if isinstance(first, Mapping):
+        return {k: merge([o[k] for o in outputs]) for k in first}
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)(*(merge([o[i] for o in outputs]) for i in range(len(first))))
+    if isinstance(first, (tuple, list)):
+        return type(first)(merge([o[i] for o in outputs]) for i in range(len(first)))
+    return list(outputs)
+
+
+def microbatch_weights(microbatches: Sequence[Any]) -> list[float]:
+    """Each micro-batch's share of the batch's samples (``n_i / N``).
+
+    Scaling each micro-batch loss by its share makes the accumulated gradient equal the gradient of
+    the whole batch's mean loss, also when the last chunk is smaller.
+    """
+    sizes = [batch_size(mb) for mb in microbatches]
+    total = float(sum(sizes))
+    return [s / total for s in sizes]
+
+
+def signature(obj: Any) -> tuple[tuple[int, ...], ...]:
+    """The shapes of a micro-batch's tensors: a cache key for the shapes that cross stage boundaries."""
+    return tuple(tuple(t.shape) for t in _leaves(obj))

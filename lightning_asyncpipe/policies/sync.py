@@ -1,0 +1,40 @@
+"""Synchronous baselines: GPipe and 1F1B with a flush (PipeDream-Flush). Both equal ordinary
+training with gradient accumulation over the micro-batches: one weight version, delay 0."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from lightning_asyncpipe.policies.registry import register_policy
+from lightning_asyncpipe.policies.base import WeightPolicy
+from lightning_asyncpipe.schedule import Action, gpipe, one_f_one_b
+
+__all__ = ["GPipePolicy", "PipeDreamFlushPolicy"]
+
+
+@register_policy
+class GPipePolicy(WeightPolicy):
+    """GPipe (Huang et al., 2019): all forwards, then all backwards, then one update per batch.
+
+    Every stage holds up to ``m`` micro-batches of activations; bubble ``(p-1)/(m+p-1)``.
+    """
+
+    name: ClassVar[str] = "gpipe"
+    synchronous: ClassVar[bool] = True
+
+    def step_actions(self, n_stages: int, n_microbatches: int, stage: int, step: int, fill_step: int) -> list[Action]:
+        return gpipe(n_stages, n_microbatches, step)[stage]
+
+
+@register_policy
+class PipeDreamFlushPolicy(WeightPolicy):
+    """PipeDream-Flush (Narayanan et al., ICML 2021, section 3): 1F1B within a batch, then a flush.
+
+    Same result and bubble as GPipe, but stage ``s`` holds at most ``p-s`` micro-batches in flight.
+    """
+
+    name: ClassVar[str] = "pipedream_flush"
+    synchronous: ClassVar[bool] = True
+
+    def step_actions(self, n_stages: int, n_microbatches: int, stage: int, step: int, fill_step: int) -> list[Action]:
+        return one_f_one_b(n_stages, n_microbatches, step)[stage]

@@ -1,0 +1,630 @@
+"""Lightning glue: ``AsyncPipeStrategy``, the lifecycle that wires partition, transport, policy and
+executor into a Trainer. No pipeline logic lives here."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any, Callable, Literal, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.distributed import group as _group
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.data import RandomSampler
+from typing_extensions import override
+
+from lightning_asyncpipe.checkpoint import (
+    load_optimizer_state_by_name,
+    merge_optimizer_states,
+    optimizer_state_by_name,
+)
+from lightning_asyncpipe.comm import TorchP2PTransport
+from lightning_asyncpipe.errors import PipelineConfigError
+from lightning_asyncpipe.executor import PipelineExecutor
+from lightning_asyncpipe.microbatch import microbatch_weights, split
+from lightning_asyncpipe.partition import (
+    Balance,
+    Partition,
+    check_parameters_inside,
+    compute_balance,
+    find_sequential,
+    partition_module,
+    restore_module,
+)
+from lightning_asyncpipe.policies import WeightPolicy, available_policies, get_policy, policy_class
+from lightning_asyncpipe.schedule import forward_only
+from lightning_asyncpipe.topology import Topology
+from lightning_asyncpipe.user_step import LogRecord, LogRecorder, UserStep
+
+__all__ = ["AsyncPipeStrategy"]
+
+log = logging.getLogger(__name__)
+
+StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
+
+
+class _Groups:
+    """The process groups one rank takes part in (all ranks create all groups, in one order)."""
+
+    def __init__(self, topo: Topology, rank: int) -> None:
+        stage, replica = topo.stage_of(rank), topo.replica_of(rank)
+        self.pipeline: Any = None
+        self.stage: Any = None
+        self.p2p: dict[str, Any] = {}
+        for r in range(topo.n_replicas):
+            group = dist.new_group(topo.pipeline_ranks(r))
+            if r == replica:
+                self.pipeline = group
+        if topo.n_replicas > 1:
+            for s in range(topo.n_stages):
+                group = dist.new_group(topo.stage_ranks(s))
+                if s == stage:
+                    self.stage = group
+        for r in range(topo.n_replicas):
+            for s in range(topo.n_stages - 1):
+                pair = sorted([topo.rank_of(s, r), topo.rank_of(s + 1, r)])
+                forward, backward = dist.new_group(pair), dist.new_group(pair)
+                if r == replica and s == stage:
+                    self.p2p.update(act_out=forward, grad_in=backward)
+                if r == replica and s + 1 == stage:
+                    self.p2p.update(act_in=forward, grad_out=backward)
+
+
+class _ValidatingMixin:
+    """Checks the module before any process is started, so a bad model fails in the main process."""
+
+    strategy: "AsyncPipeStrategy"
+
+    def launch(self, function: Callable, *args: Any, trainer: Optional[Trainer] = None, **kwargs: Any) -> Any:
+        if args and isinstance(args[0], LightningModule):
+            self.strategy._check_module(args[0])
+        return super().launch(function, *args, trainer=trainer, **kwargs)  # type: ignore[misc]
+
+
+class _ScriptLauncher(_ValidatingMixin, _SubprocessScriptLauncher):
+    pass
+
+
+class _SpawnLauncher(_ValidatingMixin, _MultiProcessingLauncher):
+    pass
+
+
+class AsyncPipeStrategy(ParallelStrategy):
+    """Pipeline-parallel training of a LightningModule's ``nn.Sequential``, one process per stage.
+
+    ``devices = stages x replicas``: each process holds one stage of one pipeline replica (see
+    :mod:`lightning_asyncpipe.topology` for the rank layout). The user's steps run unchanged on the
+    last stage, one micro-batch at a time; the weight-version ``policy`` decides the schedule and
+    which weights every forward and backward sees.
+
+    Args:
+        policy: a registered policy name (``"gpipe"``, ``"pipedream_flush"``, ...).
+        microbatches: micro-batches per batch; each batch is split along dim 0.
+        stages: pipeline stages; default: all devices form one pipeline.
+        balance: ``"uniform"``, ``"parameters"`` or a list of layer counts per stage.
+        sequential: attribute name of the ``nn.Sequential`` to pipeline (found automatically when
+            the module has exactly one).
+        policy_options: keyword arguments for the policy.
+        process_group_backend: ``"gloo"``, ``"nccl"``; default from the device.
+        timeout: timeout of the process groups and of every wait for a neighbour's tensors.
+        start_method: ``"popen"`` (re-run the script, as DDP) or a multiprocessing start method.
+
+    Raises:
+        PipelineConfigError: for an unknown policy, ``microbatches < 1`` or bad options; at setup,
+            for a module that cannot be pipelined or an unsupported Trainer configuration.
+
+    Example::
+
+        trainer = L.Trainer(accelerator="cpu", devices=4,
+                            strategy=AsyncPipeStrategy(policy="pipedream_flush", microbatches=8))
+        trainer.fit(model, datamodule)
+    """
+
+    strategy_name = "async_pipe"
+
+    def __init__(
+        self,
+        policy: str = "pipedream_flush",
+        microbatches: int = 4,
+        stages: Optional[int] = None,
+        balance: Balance = "uniform",
+        sequential: Optional[str] = None,
+        policy_options: Optional[Mapping[str, Any]] = None,
+        accelerator: Optional[Accelerator] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: StartMethod = "popen",
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        name = type(self).__name__
+        if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
+            raise PipelineConfigError(f"{name} requires microbatches >= 1 (an int), got {microbatches!r}.")
+        if stages is not None and (not isinstance(stages, int) or stages < 1):
+            raise PipelineConfigError(f"{name} requires stages >= 1 (an int) or None, got {stages!r}.")
+        if start_method not in ("popen", "spawn", "fork", "forkserver"):
+            raise PipelineConfigError(f"{name}: start_method must be popen, spawn, fork or forkserver, not {start_method!r}.")
+        policy_class(policy)  # unknown names fail here, in the main process
+        self.policy_name = policy
+        self.policy_options = dict(policy_options or {})
+        get_policy(policy, **self.policy_options)  # bad options too
+        self.microbatches = microbatches
+        self.balance = balance
+        self.sequential = sequential
+        self._stages = stages
+        self._num_nodes = 1
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self._start_method = start_method
+        self._topology: Optional[Topology] = None
+        self._groups: Optional[_Groups] = None
+        self._partition: Optional[Partition] = None
+        self._policy: Optional[WeightPolicy] = None
+        self._executor: Optional[PipelineExecutor] = None
+        self._recorder = LogRecorder()
+        self._train_step = 0
+        self._fill_step = 0
+        self._failed = False
+        self._data_seed: Optional[int] = None
+
+    # ------------------------------------------------------------------ topology and launch
+
+    @property
+    def is_distributed(self) -> bool:
+        # Lightning injects a DistributedSampler (sharding over replicas) and syncs `sync_dist` logs
+        # only when this is True. With one replica every stage must read exactly the user's own
+        # batches, as a single-device run would: see `process_dataloader`.
+        return self.topology.n_replicas > 1
+
+    @override
+    def process_dataloader(self, dataloader: Any) -> Any:
+        """Make a shuffling sampler draw the same order on every stage of a pipeline.
+
+        With one replica the user's sampler is kept (single-device semantics); a ``RandomSampler``
+        without its own generator would draw from each process's global RNG, which diverges as
+        stages consume different amounts of randomness (dropout), so it gets a generator seeded
+        identically on every rank.
+        """
+        sampler = getattr(dataloader, "sampler", None)
+        if isinstance(sampler, RandomSampler) and sampler.generator is None and self._data_seed is not None:
+            sampler.generator = torch.Generator().manual_seed(self._data_seed)
+        return dataloader
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def n_stages(self) -> int:
+        return self._stages if self._stages is not None else self.num_processes * self.num_nodes
+
+    @property
+    def topology(self) -> Topology:
+        """The rank layout; available once the Trainer knows the devices."""
+        if self._topology is None:
+            self._topology = Topology(self.num_nodes * self.num_processes, self.n_stages)
+        return self._topology
+
+    @property
+    def stage(self) -> int:
+        return self.topology.stage_of(self.global_rank)
+
+    @property
+    def replica(self) -> int:
+        return self.topology.replica_of(self.global_rank)
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # every stage of a replica reads the same batches: shard over replicas, not over the world
+        return {"num_replicas": self.topology.n_replicas, "rank": self.replica}
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = self.global_rank
+
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        self._topology = None
+        self.topology  # noqa: B018  (devices not divisible by stages fail here, before any launch)
+        policy = get_policy(self.policy_name, **self.policy_options)
+        policy.validate(self.n_stages, self.microbatches)
+        if self._start_method == "popen":
+            self._launcher = _ScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = _SpawnLauncher(self, start_method=self._start_method)
+        self._launcher.strategy = self  # type: ignore[union-attr]
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        reset_seed()
+        self.set_world_ranks()
+        backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+        self._process_group_backend = backend
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        if self.root_device.type != "cpu":
+            kwargs["device_id"] = self.root_device
+        _init_dist_connection(self.cluster_environment, backend, **kwargs)
+        self._groups = _Groups(self.topology, self.global_rank)
+        self._data_seed = int(self.broadcast(int(torch.randint(0, 2**62, ()).item())))
+
+    # ------------------------------------------------------------------ setup
+
+    def _check_module(self, module: LightningModule) -> None:
+        """Everything about the module that can be checked before processes start."""
+        name = type(self).__name__
+        if not module.automatic_optimization:
+            raise PipelineConfigError(
+                f"{name} does not support manual optimization: the pipeline runs the backward passes and applies the "
+                "updates itself. Remove `self.automatic_optimization = False` and return the loss from training_step."
+            )
+        attr = find_sequential(module, self.sequential)
+        check_parameters_inside(module, attr)
+        compute_balance(getattr(module, attr), self.n_stages, self.balance)
+
+    def _check_trainer(self, trainer: Trainer) -> None:
+        name = type(self).__name__
+        if trainer.accumulate_grad_batches != 1:
+            raise PipelineConfigError(
+                f"{name} does not support accumulate_grad_batches={trainer.accumulate_grad_batches}: gradients are "
+                "already accumulated over micro-batches. Use a larger batch (or more micro-batches) instead."
+            )
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        if scaler is not None:
+            raise PipelineConfigError(
+                f"{name} does not support precision='16-mixed' (a gradient scaler cannot see the loss on every stage). "
+                "Use precision='bf16-mixed' or '32-true'."
+            )
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        assert self.accelerator is not None and self.model is not None and self._groups is not None
+        module = self.lightning_module
+        assert module is not None
+        self._check_module(module)
+        self._check_trainer(trainer)
+        self.accelerator.setup(trainer)
+        topo = self.topology
+        self._partition = partition_module(module, topo.n_stages, self.stage, self.balance, self.sequential)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            from lightning.fabric.utilities.optimizer import _optimizers_to_device
+
+            _optimizers_to_device(self.optimizers, self.root_device)
+        self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm  # type: ignore[method-assign]
+        self._policy = get_policy(self.policy_name, **self.policy_options)
+        self._policy.validate(topo.n_stages, self.microbatches)
+        stage, replica = self.stage, self.replica
+        transport = TorchP2PTransport(
+            prev_rank=topo.rank_of(stage - 1, replica) if stage > 0 else None,
+            next_rank=topo.rank_of(stage + 1, replica) if stage < topo.n_stages - 1 else None,
+            groups=self._groups.p2p,
+            device=self.root_device,
+            timeout=self._timeout,
+        )
+        self._executor = PipelineExecutor(
+            self._partition.local, stage, topo.n_stages, transport, self._policy, self._apply_update
+        )
+        self._train_step = self._fill_step = 0
+
+    @override
+    def setup_optimizers(self, trainer: Trainer) -> None:
+        from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+
+        optimizers, self.lr_scheduler_configs = _init_optimizers_and_lr_schedulers(self.lightning_module)
+        if len(optimizers) != 1:
+            raise PipelineConfigError(
+                f"{type(self).__name__} supports exactly one optimizer, but configure_optimizers returned "
+                f"{len(optimizers)}. Use one optimizer with several parameter groups instead."
+            )
+        for opt in optimizers:
+            # The pipeline owns the gradients: partial sums of in-flight micro-batches must survive
+            # Lightning's zero_grad between steps. The executor clears gradients after each update.
+            opt.zero_grad = _keep_gradients  # type: ignore[method-assign]
+        self.optimizers = optimizers
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    # ------------------------------------------------------------------ training
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...], actions_for: Callable[[int], list[Any]],
+             training: bool) -> UserStep:  # fmt: skip
+        assert self._executor is not None and self._partition is not None
+        module = self.lightning_module
+        assert module is not None
+        microbatches = split(args[0], self.microbatches)
+        first = self._train_step * self.microbatches if training else 0
+        step = UserStep(fn, microbatches, first, tuple(args[1:]), self._partition.local,
+                        microbatch_weights(microbatches), self._recorder, training)  # fmt: skip
+        module.log = self._recorder  # type: ignore[method-assign]
+        try:
+            self._executor.run(actions_for(self.stage), step, train=training)
+        finally:
+            del module.log
+        return step
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        assert self._policy is not None and self.lightning_module is not None
+        topo, policy, k = self.topology, self._policy, self._train_step
+        with self.precision_plugin.train_step_context():
+            step = self._run(
+                self.lightning_module.training_step,
+                args,
+                lambda s: policy.step_actions(topo.n_stages, self.microbatches, s, k, self._fill_step),
+                training=True,
+            )
+        self._train_step += 1
+        output = step.merged_outputs()
+        output = self._share_from_last_stage(output, self._recorder.pop())
+        return output
+
+    def _share_from_last_stage(self, output: Any, records: list[LogRecord]) -> Any:
+        """Give every stage of this replica the last stage's step output and log records, and log them."""
+        module = self.lightning_module
+        assert module is not None and self._groups is not None
+        if self.topology.n_stages > 1:
+            src = self.topology.rank_of(self.topology.n_stages - 1, self.replica)
+            sent = [LogRecord(r.name, _to_cpu(r.value), r.kwargs) for r in records if _is_plain_value(r.value)]
+            payload: list[Any] = [(_to_cpu(output), sent)] if self.global_rank == src else [None]
+            dist.broadcast_object_list(payload, src=src, group=self._groups.pipeline, device=_object_device(self.root_device))
+            if self.global_rank != src:
+                output, records = payload[0]
+                output = _to_device(output, self.root_device)
+        for r in records:
+            value = _to_device(r.value, self.root_device)
+            module.log(r.name, value, **r.kwargs)
+        return output
+
+    def _apply_update(self) -> None:
+        """One optimizer update of this stage's live weights (called by the policy at a ``U`` action)."""
+        assert self.lightning_module is not None
+        optimizer = self.optimizers[0]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self.topology.n_replicas > 1:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                flat = torch._utils._flatten_dense_tensors(grads)
+                dist.all_reduce(flat, group=self._groups.stage if self._groups else None)
+                flat /= self.topology.n_replicas
+                for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                    g.copy_(synced)
+        # on_before_optimizer_step hooks and gradient clipping, as Lightning runs them after a closure
+        self.precision_plugin._after_closure(self.lightning_module, optimizer)
+        optimizer.step()
+        for p in params:
+            p.grad = None
+
+    def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        """Clip by the norm over *all* stages for synchronous policies (exactly what one device does),
+        by the stage's own norm for asynchronous ones (stages update at different times)."""
+        assert self._policy is not None
+        grads = [p.grad for p in self.precision_plugin.main_params(optimizer) if p.grad is not None]
+        device = grads[0].device if grads else self.root_device
+        squared = torch.zeros((), dtype=torch.float32, device=device)
+        for g in grads:
+            squared += g.detach().float().pow(2).sum()
+        if self._policy.synchronous and self.topology.n_stages > 1:
+            dist.all_reduce(squared, group=self._groups.pipeline if self._groups else None)
+        coef = torch.clamp(float(clip_val) / (squared.sqrt() + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        # the executor has already backpropagated every micro-batch inside training_step
+        return closure_loss
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        # Running the closure runs training_step, i.e. the pipeline, whose U actions apply the updates.
+        return closure()
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _eval_step(self, fn: Callable[..., Any], args: tuple[Any, ...], share_output: bool) -> Any:
+        topo = self.topology
+        step = self._run(fn, args, lambda s: forward_only(topo.n_stages, self.microbatches)[s], training=False)
+        output = step.merged_outputs() if step.outputs else None
+        records = self._recorder.pop()
+        if not share_output:
+            self._share_from_last_stage(None, records)
+            return output
+        return self._share_from_last_stage(output, records)
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        assert self.lightning_module is not None
+        with self.precision_plugin.val_step_context():
+            return self._eval_step(self.lightning_module.validation_step, args, share_output=False)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        assert self.lightning_module is not None
+        with self.precision_plugin.test_step_context():
+            return self._eval_step(self.lightning_module.test_step, args, share_output=False)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        assert self.lightning_module is not None
+        with self.precision_plugin.predict_step_context():
+            return self._eval_step(self.lightning_module.predict_step, args, share_output=True)
+
+    # ------------------------------------------------------------------ collectives
+
+    @override
+    def barrier(self, name: Optional[str] = None) -> None:
+        if _distributed_is_initialized():
+            dist.barrier()
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        payload = [obj]
+        dist.broadcast_object_list(payload, src, group=_group.WORLD, device=_object_device(self.root_device))
+        return payload[0]
+
+    @override
+    def reduce(self, tensor: Union[Tensor, Any], group: Optional[Any] = None,
+               reduce_op: Optional[Union[Any, str]] = "mean") -> Union[Tensor, Any]:  # fmt: skip
+        if isinstance(tensor, Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _gather_to_zero(self, local: Any) -> Optional[list[Any]]:
+        """Gather one object per stage of replica 0 onto global rank 0 (``None`` elsewhere)."""
+        if self.replica != 0:
+            return None
+        if self.topology.n_stages == 1:
+            return [local]
+        assert self._groups is not None
+        parts: Optional[list[Any]] = [None] * self.topology.n_stages if self.global_rank == 0 else None
+        dist.gather_object(_to_cpu(local), parts, dst=0, group=self._groups.pipeline)
+        return parts
+
+    def _all_gather_pipeline(self, local: Any) -> list[Any]:
+        if self.topology.n_stages == 1:
+            return [local]
+        assert self._groups is not None
+        parts: list[Any] = [None] * self.topology.n_stages
+        dist.all_gather_object(parts, _to_cpu(local), group=self._groups.pipeline)
+        return parts
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        assert self.lightning_module is not None
+        parts = self._gather_to_zero(self.lightning_module.state_dict())
+        return {} if parts is None else {k: v for part in parts for k, v in part.items()}
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        assert self.lightning_module is not None and self._partition is not None
+        parts = self._gather_to_zero(optimizer_state_by_name(optimizer, self.lightning_module))
+        if parts is None:
+            return {}
+        prefix = self._partition.attr + "."
+        order = [prefix + n for n, _ in _named_parameters_of(self._partition)]
+        return merge_optimizer_states(parts, order)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        assert self.lightning_module is not None
+        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
+            load_optimizer_state_by_name(optimizer, self.lightning_module, saved)
+
+    # ------------------------------------------------------------------ teardown
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        self._failed = True
+
+    @override
+    def teardown(self) -> None:
+        module = self.lightning_module
+        if self._partition is not None and module is not None:
+            if not self._failed and _distributed_is_initialized():
+                if self._executor is not None:
+                    self._executor.transport.wait_sends()
+                parts = self._all_gather_pipeline(module.state_dict())
+                restore_module(module, self._partition, {k: v for part in parts for k, v in part.items()})
+            self._partition = None
+        self._executor = None
+        super().teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="Pipeline parallelism with asynchronous weight-version policies",
+            override=True,
+        )
+        for name in available_policies():
+            strategy_registry.register(name, cls, description=f"AsyncPipeStrategy(policy={name!r})", policy=name,
+                                       override=True)  # fmt: skip
+
+
+def _is_plain_value(value: Any) -> bool:
+    return isinstance(value, (Tensor, int, float, bool))
+
+
+def _keep_gradients(set_to_none: bool = True) -> None:
+    """Stands in for ``optimizer.zero_grad`` while the pipeline owns the gradients."""
+
+
+def _named_parameters_of(part: Partition) -> list[tuple[str, Any]]:
+    return [(n, p) for n, p in part.original.named_parameters(remove_duplicate=False)]
+
+
+def _object_device(device: torch.device) -> Optional[torch.device]:
+    return device if device.type == "cuda" else None
+
+
+def _to_cpu(obj: Any) -> Any:
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(obj, torch.device("cpu"))
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(obj, device)
+
+
+AsyncPipeStrategy.register_strategies(StrategyRegistry)

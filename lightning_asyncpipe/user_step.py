@@ -1,0 +1,172 @@
+"""Running the user's LightningModule step methods on the first and last stage of a pipeline.
+
+The user's ``training_step`` (or ``validation_step``, ...) runs unchanged, once per micro-batch:
+
+- on the **first** stage it runs up to the call of the pipelined ``nn.Sequential``; that call
+  captures its input and leaves the step (a ``BaseException``, so a user's ``except Exception``
+  does not swallow it). Nothing after the call runs there.
+- on the **last** stage it runs whole; the call of the pipelined ``nn.Sequential`` returns the
+  output the pipeline computed for this micro-batch, so ``self(x)`` is the pipelined output.
+
+What the step logs with ``self.log`` is recorded per micro-batch and combined per batch by
+:class:`LogRecorder` (a weighted mean for values, the last object for torchmetrics metrics), so
+the logger sees one value per batch, equal to what a single-device run logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_asyncpipe.errors import PipelineConfigError
+from lightning_asyncpipe.microbatch import merge, signature
+from lightning_asyncpipe.partition import StageModule
+
+__all__ = ["UserStep", "LogRecord", "LogRecorder"]
+
+
+class _StageExit(BaseException):
+    def __init__(self, inputs: tuple[Any, ...]) -> None:
+        super().__init__()
+        self.inputs = inputs
+
+
+@dataclass
+class LogRecord:
+    """One ``self.log(name, value, **kwargs)`` call, combined over the micro-batches of a batch."""
+
+    name: str
+    value: Any
+    kwargs: dict[str, Any]
+
+
+class LogRecorder:
+    """Stands in for ``LightningModule.log`` while user steps run per micro-batch."""
+
+    def __init__(self) -> None:
+        self._calls: dict[str, list[tuple[float, Any]]] = {}
+        self._kwargs: dict[str, dict[str, Any]] = {}
+        self.weight = 1.0
+        self.enabled = True
+
+    def __call__(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        if args:
+            raise PipelineConfigError("AsyncPipeStrategy records self.log calls: pass options by keyword, e.g. prog_bar=True.")
+        if self.enabled:
+            self._calls.setdefault(name, []).append((self.weight, value))
+            self._kwargs.setdefault(name, kwargs)
+
+    def pop(self) -> list[LogRecord]:
+        """The combined records of the batch, in first-logged order; clears the recorder."""
+        records = []
+        for name, calls in self._calls.items():
+            kwargs = dict(self._kwargs[name])
+            values = [v for _, v in calls]
+            if all(isinstance(v, (Tensor, float, int)) and not isinstance(v, bool) for v in values):
+                total = sum(w for w, _ in calls)
+                value: Any = sum(w * torch.as_tensor(v, dtype=torch.float32).detach() for w, v in calls) / total
+                if "batch_size" in kwargs:
+                    kwargs["batch_size"] = sum(int(self._kwargs[name]["batch_size"]) for _ in calls)
+            else:
+                value = values[-1]
+            records.append(LogRecord(name, value, kwargs))
+        self._calls, self._kwargs = {}, {}
+        return records
+
+
+@dataclass
+class UserStep:
+    """The user's step method applied to the micro-batches of one batch on this stage.
+
+    Args:
+        fn: the bound step method (``module.training_step``, ...).
+        microbatches: the micro-batches of the batch, in order.
+        first: the global index of ``microbatches[0]``.
+        extra: the step's arguments after the batch (``batch_idx``, ``dataloader_idx``).
+        stage_module: the local stand-in of the pipelined Sequential.
+        weights: each micro-batch's share of the batch (``n_i / N``).
+        recorder: records ``self.log`` calls (installed on the module by the caller).
+        training: whether the returned loss is backpropagated.
+    """
+
+    fn: Callable[..., Any]
+    microbatches: Sequence[Any]
+    first: int
+    extra: tuple[Any, ...]
+    stage_module: StageModule
+    weights: Sequence[float]
+    recorder: LogRecorder
+    training: bool
+    outputs: dict[int, Any] = field(default_factory=dict)
+
+    def key(self, microbatch: int) -> Any:
+        return signature(self.microbatches[microbatch - self.first])
+
+    def _call(self, microbatch: int, handler: Callable[[tuple[Any, ...]], Any]) -> Any:
+        self.stage_module.call_handler = handler
+        try:
+            return self.fn(self.microbatches[microbatch - self.first], *self.extra)
+        finally:
+            self.stage_module.call_handler = None
+
+    def stage_inputs(self, microbatch: int) -> tuple[Tensor, ...]:
+        def capture(inputs: tuple[Any, ...]) -> Any:
+            raise _StageExit(inputs)
+
+        self.recorder.enabled = False
+        try:
+            self._call(microbatch, capture)
+        except _StageExit as exit_:
+            return tuple(exit_.inputs)
+        finally:
+            self.recorder.enabled = True
+        raise self._never_called()
+
+    def stage_outputs(self, microbatch: int, outputs: Any) -> Optional[Tensor]:
+        calls = []
+
+        def replay(inputs: tuple[Any, ...]) -> Any:
+            if calls:
+                raise PipelineConfigError(
+                    f"{self.fn.__name__} called the pipelined nn.Sequential '{self.stage_module.attr}' twice for one "
+                    "micro-batch; a pipeline runs it once per step. Call it once (e.g. through self(x))."
+                )
+            calls.append(inputs)
+            return outputs
+
+        self.recorder.weight = self.weights[microbatch - self.first]
+        result = self._call(microbatch, replay)
+        if not calls and self.stage_module.n_stages > 1:
+            raise self._never_called()
+        self.outputs[microbatch] = result
+        if not self.training:
+            return None
+        loss = result.get("loss") if isinstance(result, dict) else result
+        return loss * self.weights[microbatch - self.first] if isinstance(loss, Tensor) else loss
+
+    def _never_called(self) -> PipelineConfigError:
+        return PipelineConfigError(
+            f"{self.fn.__name__} returned without calling the pipelined nn.Sequential "
+            f"'{self.stage_module.attr}'. AsyncPipeStrategy runs it once per micro-batch and expects it to call the "
+            "Sequential (usually through self(x) in forward)."
+        )
+
+    def merged_outputs(self) -> Any:
+        """The step's outputs over the batch: losses combined by weight, the rest merged."""
+        if not self.outputs:
+            return None
+        ordered = [self.outputs[j] for j in sorted(self.outputs)]
+        weights = [self.weights[j - self.first] for j in sorted(self.outputs)]
+
+        def combine(values: list[Any]) -> Any:
+            if all(isinstance(v, Tensor) and v.dim() == 0 for v in values):
+                return sum(w * v.detach().float() for w, v in zip(weights, values)) / sum(weights)
+            return merge([v.detach() if isinstance(v, Tensor) else v for v in values])
+
+        if all(isinstance(o, dict) for o in ordered):
+            return {k: combine([o[k] for o in ordered]) for k in ordered[0]}
+        return combine(ordered)
