@@ -32,7 +32,7 @@ def main() -> None:
             gradient_clip_val=0.3, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         )  # fmt: skip
-        trainer.fit(model, loader(regression_data(), batch_size=8 * (devices // stages)))
+        trainer.fit(model, loader(regression_data(), batch_size=8))  # per replica, as with DDP
         if trainer.global_rank == 0:
             torch.save(model.state_dict(), os.path.join(out, f"{policy}-{optim}.pt"))
             logger.dump(os.path.join(out, f"{policy}-{optim}.json"))

@@ -1,0 +1,66 @@
+"""Running a multi-process script from a test with a hard timeout and no process left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ROOT / "tests" / "scripts"
+
+
+@dataclass
+class Result:
+    returncode: int
+    output: str
+    elapsed: float
+
+
+def run_script(name: str, *args: object, timeout: float = 240, env: dict[str, str] | None = None) -> Result:
+    """Run ``tests/scripts/<name>`` in its own session; on timeout kill the whole process group.
+
+    Raises:
+        AssertionError: if the script runs past ``timeout`` (the output so far is in the message).
+    """
+    import time
+
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                **(env or {})}  # fmt: skip
+    full_env.pop("LOCAL_RANK", None)
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / name), *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=str(ROOT),
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{name} {args} ran past {timeout} s; output:\n{out[-6000:]}") from None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # children that outlived the main process
+        except ProcessLookupError:
+            pass
+    return Result(proc.returncode, out, time.monotonic() - start)
+
+
+def leftover_processes(marker: str) -> list[str]:
+    """Command lines of live processes whose command line contains ``marker``."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = (Path("/proc") / pid / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmd and str(os.getpid()) != pid:
+            found.append(cmd)
+    return found
