@@ -241,7 +241,8 @@ class TorchP2PTransport:
         elif cached != metas:
             raise ShapeError(
                 f"A stage output changed shape for micro-batches of the same input shapes {key}: negotiated "
-                f"{[(m.shape, m.dtype) for m in cached]}, now {[(m.shape, m.dtype) for m in metas]}. Outputs of a "
+                f"{[(m.shape, m.dtype, m.requires_grad) for m in cached]}, now "
+                f"{[(m.shape, m.dtype, m.requires_grad) for m in metas]}. Outputs of a "
                 "stage must be a function of its input shapes (no data-dependent shapes)."
             )
         self._isend(ch, tensors)

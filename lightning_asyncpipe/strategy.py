@@ -527,8 +527,13 @@ class AsyncPipeStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _by_stage(self, parts: list[Any]) -> list[Any]:
+        """Order per-group-rank results of this replica's pipeline group by stage."""
+        ranks = sorted(self.topology.pipeline_ranks(self.replica))
+        return [part for _, part in sorted(zip(ranks, parts), key=lambda rp: self.topology.stage_of(rp[0]))]
+
     def _gather_to_zero(self, local: Any) -> Optional[list[Any]]:
-        """Gather one object per stage of replica 0 onto global rank 0 (``None`` elsewhere)."""
+        """Gather one object per stage of replica 0 onto global rank 0, by stage (``None`` elsewhere)."""
         if self.replica != 0:
             return None
         if self.topology.n_stages == 1:
@@ -536,15 +541,16 @@ class AsyncPipeStrategy(ParallelStrategy):
         assert self._groups is not None
         parts: Optional[list[Any]] = [None] * self.topology.n_stages if self.global_rank == 0 else None
         dist.gather_object(_to_cpu(local), parts, dst=0, group=self._groups.pipeline)
-        return parts
+        return None if parts is None else self._by_stage(parts)
 
     def _all_gather_pipeline(self, local: Any) -> list[Any]:
+        """One object per stage of this replica, by stage, on every rank of the replica."""
         if self.topology.n_stages == 1:
             return [local]
         assert self._groups is not None
         parts: list[Any] = [None] * self.topology.n_stages
         dist.all_gather_object(parts, _to_cpu(local), group=self._groups.pipeline)
-        return parts
+        return self._by_stage(parts)
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:

@@ -104,7 +104,8 @@ class UserStep:
     outputs: dict[int, Any] = field(default_factory=dict)
 
     def key(self, microbatch: int) -> Any:
-        return signature(self.microbatches[microbatch - self.first])
+        # training and evaluation send the same shapes with different requires_grad flags
+        return (self.training, signature(self.microbatches[microbatch - self.first]))
 
     def _call(self, microbatch: int, handler: Callable[[tuple[Any, ...]], Any]) -> Any:
         self.stage_module.call_handler = handler

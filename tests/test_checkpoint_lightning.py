@@ -1,0 +1,60 @@
+"""Checkpoints, callbacks and predict through a 3-stage pipeline inside Lightning.
+
+One launch of tests/scripts/fit_checkpoint.py (3 processes) covers: ModelCheckpoint(monitor=
+"val_loss") writing one consolidated file, EarlyStopping seeing the same val_loss on every rank,
+trainer.predict(ckpt_path="best") returning predictions to the caller, and fit(ckpt_path=...)
+resuming to exactly the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers.launch import run_script
+from tests.helpers.models import SeqRegressor, regression_data
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("ckpt")
+    result = run_script("fit_checkpoint.py", out, timeout=240)
+    assert result.returncode == 0, result.output[-5000:]
+    return out
+
+
+@pytest.mark.multiprocess
+def test_checkpoint_is_consolidated_and_loads_without_the_strategy(run) -> None:
+    ranks = [json.loads((run / f"rank{r}.json").read_text()) for r in range(3)]
+    best = ranks[0]["best"]
+    assert best and all(r["best"] == best for r in ranks)
+    ckpt = torch.load(best, weights_only=False)
+    assert list(ckpt["state_dict"]) == [f"net.{i}.{p}" for i in (0, 2, 4, 6) for p in ("weight", "bias")]
+    names = ckpt["optimizer_states"][0]["param_groups"][0]["param_names"]
+    assert names == list(ckpt["state_dict"])
+    assert len(ckpt["optimizer_states"][0]["state"]) == 8  # AdamW moments for every parameter of every stage
+    # loads in this plain process, and predicts what the pipeline's trainer.predict(ckpt_path="best") returned
+    model = SeqRegressor.load_from_checkpoint(best)
+    x = regression_data(16, seed=2).tensors[0]
+    with torch.no_grad():
+        expected = model(x)
+    predictions = torch.load(run / "predictions.pt")
+    assert predictions.shape == (16, 4)
+    torch.testing.assert_close(predictions, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.multiprocess
+def test_early_stopping_and_monitor_see_the_same_value_on_every_stage(run) -> None:
+    ranks = [json.loads((run / f"rank{r}.json").read_text()) for r in range(3)]
+    assert {r["val_loss"] for r in ranks} == {ranks[0]["val_loss"]}
+    assert all(r["stopped"] == 1 and r["epochs"] == 2 for r in ranks)  # stopped early, on every rank alike
+
+
+@pytest.mark.multiprocess
+def test_fit_resumes_from_checkpoint_exactly(run) -> None:
+    straight, resumed, first = (torch.load(run / f"{n}.pt") for n in ("straight", "resumed", "first"))
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], atol=1e-6, rtol=0)
+    assert max((straight[k] - first[k]).abs().max() for k in straight) > 1e-4  # the third epoch did train
