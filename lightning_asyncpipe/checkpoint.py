@@ -76,7 +76,8 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, module: nn.Mo
     for g, group in enumerate(optimizer.param_groups):
         local_names = [names[id(p)] for p in group["params"]]
         if g >= len(saved["param_groups"]) or not set(local_names) <= set(saved["param_groups"][g]["param_names"]):
-            missing = sorted(set(local_names) - set(saved["param_groups"][min(g, len(saved["param_groups"]) - 1)]["param_names"]))
+            saved_names = saved["param_groups"][g]["param_names"] if g < len(saved["param_groups"]) else []
+            missing = sorted(set(local_names) - set(saved_names))
             raise PipelineConfigError(
                 f"The checkpoint's optimizer has no entry for parameters {missing[:5]} of param group {g}: it was "
                 "written for another model or another optimizer configuration."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -52,6 +53,14 @@ def _trained_full():
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
     _train(model, opt, 3, seed=1)
     return model, opt
+
+
+def _saved(*parts: dict) -> dict:
+    """The merged state as read back from a checkpoint file (no tensor shared with a live optimizer)."""
+    buffer = io.BytesIO()
+    torch.save(merge_optimizer_states(parts, FULL_ORDER), buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
 
 
 def _stages(full: nn.Module, n_stages: int):
@@ -121,7 +130,7 @@ def test_merge_of_single_part_is_the_standard_state_dict():
 ])  # fmt: skip
 def test_split_and_merge_over_stages(n_stages, local_names):
     model, opt = _trained_full()
-    saved = merge_optimizer_states([optimizer_state_by_name(opt, model)], FULL_ORDER)
+    saved = _saved(optimizer_state_by_name(opt, model))
     full_params = dict(model.named_parameters())
     stages = _stages(model, n_stages)
 
@@ -159,7 +168,7 @@ def test_split_and_merge_over_stages(n_stages, local_names):
 
 def test_merge_with_parts_in_any_order():
     model, opt = _trained_full()
-    saved = merge_optimizer_states([optimizer_state_by_name(opt, model)], FULL_ORDER)
+    saved = _saved(optimizer_state_by_name(opt, model))
     stages = _stages(model, 3)
     for module, stage_opt in stages:
         load_optimizer_state_by_name(stage_opt, module, saved)
@@ -171,7 +180,7 @@ def test_load_before_any_step_has_no_state():
     torch.manual_seed(0)
     model = Holder()
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    saved = merge_optimizer_states([optimizer_state_by_name(opt, model)], FULL_ORDER)
+    saved = _saved(optimizer_state_by_name(opt, model))
     assert saved["state"] == {}
     module, stage_opt = _stages(model, 2)[1]
     load_optimizer_state_by_name(stage_opt, module, saved)
@@ -187,7 +196,7 @@ def test_two_param_groups():
     opt = torch.optim.AdamW([{"params": [params[n] for n in decay], "weight_decay": WD},
                              {"params": [params[n] for n in no_decay], "weight_decay": 0.0}], lr=LR)  # fmt: skip
     _train(model, opt, 2, seed=3)
-    saved = merge_optimizer_states([optimizer_state_by_name(opt, model)], FULL_ORDER)
+    saved = _saved(optimizer_state_by_name(opt, model))
     assert [g["param_names"] for g in saved["param_groups"]] == [decay, no_decay]
     assert [g["weight_decay"] for g in saved["param_groups"]] == [WD, 0.0]
 
@@ -227,7 +236,7 @@ def test_load_without_param_names():
 def test_load_with_missing_parameters():
     model, opt = _trained_full()
     stages = _stages(model, 3)
-    saved = merge_optimizer_states([optimizer_state_by_name(opt, model)], FULL_ORDER)
+    saved = _saved(optimizer_state_by_name(opt, model))
     load_optimizer_state_by_name(stages[0][1], stages[0][0], saved)
     only_stage0 = merge_optimizer_states([optimizer_state_by_name(stages[0][1], stages[0][0])], FULL_ORDER)
     module, stage_opt = stages[1]
@@ -239,7 +248,7 @@ def test_load_with_missing_parameters():
 
 def test_load_with_more_groups_than_saved():
     model, opt = _trained_full()
-    saved = merge_optimizer_states([optimizer_state_by_name(opt, model)], FULL_ORDER)
+    saved = _saved(optimizer_state_by_name(opt, model))
     module = copy.deepcopy(model)
     partition_module(module, 2, 1)
     local = dict(module.named_parameters())
