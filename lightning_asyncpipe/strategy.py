@@ -26,6 +26,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.optim import Optimizer
@@ -101,7 +102,18 @@ class _ValidatingMixin:
 
 
 class _ScriptLauncher(_ValidatingMixin, _SubprocessScriptLauncher):
-    pass
+    """Lightning's script launcher that also ends the children when the main process fails.
+
+    Lightning kills the children only on KeyboardInterrupt; a child blocked in a rendezvous or a
+    receive from a dead main process would otherwise wait for the full process-group timeout.
+    """
+
+    def launch(self, function: Callable, *args: Any, trainer: Optional[Trainer] = None, **kwargs: Any) -> Any:
+        try:
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        except BaseException:
+            self.kill(_sigkill())
+            raise
 
 
 class _SpawnLauncher(_ValidatingMixin, _MultiProcessingLauncher):
@@ -361,12 +373,20 @@ class AsyncPipeStrategy(ParallelStrategy):
     def setup_optimizers(self, trainer: Trainer) -> None:
         from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 
-        optimizers, self.lr_scheduler_configs = _init_optimizers_and_lr_schedulers(self.lightning_module)
-        if len(optimizers) != 1:
-            raise PipelineConfigError(
-                f"{type(self).__name__} supports exactly one optimizer, but configure_optimizers returned "
-                f"{len(optimizers)}. Use one optimizer with several parameter groups instead."
+        def several(n: Any) -> PipelineConfigError:
+            return PipelineConfigError(
+                f"{type(self).__name__} supports exactly one optimizer, but configure_optimizers returned {n}. "
+                "Use one optimizer with several parameter groups instead (manual optimization is not supported)."
             )
+
+        try:
+            optimizers, self.lr_scheduler_configs = _init_optimizers_and_lr_schedulers(self.lightning_module)
+        except (MisconfigurationException, RuntimeError) as err:  # Lightning's own check suggests manual optimization
+            if "multiple optimizers" in str(err):
+                raise several("several") from err
+            raise
+        if len(optimizers) != 1:
+            raise several(len(optimizers))
         for opt in optimizers:
             # The pipeline owns the gradients: partial sums of in-flight micro-batches must survive
             # Lightning's zero_grad between steps. The executor clears gradients after each update.
@@ -603,6 +623,12 @@ class AsyncPipeStrategy(ParallelStrategy):
         for name in available_policies():
             strategy_registry.register(name, cls, description=f"AsyncPipeStrategy(policy={name!r})", policy=name,
                                        override=True)  # fmt: skip
+
+
+def _sigkill() -> Any:
+    import signal
+
+    return getattr(signal, "SIGKILL", signal.SIGTERM)
 
 
 def _is_plain_value(value: Any) -> bool:

@@ -49,3 +49,11 @@ def _initial() -> dict[str, torch.Tensor]:
 
     L.seed_everything(7)
     return SeqRegressor(depth=4).state_dict()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_reference_really_clips(optimizer: str) -> None:
+    """Gradient clipping at 0.3 is active in these runs, so the equality above covers the global norm."""
+    clipped, _ = single_device_fit(optimizer, 8)
+    unclipped, _ = single_device_fit(optimizer, 8, clip=None)
+    assert max((clipped[k] - unclipped[k]).abs().max() for k in clipped) > 1e-4

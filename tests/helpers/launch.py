@@ -30,7 +30,8 @@ def run_script(name: str, *args: object, timeout: float = 240, env: dict[str, st
 
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                 **(env or {})}  # fmt: skip
-    full_env.pop("LOCAL_RANK", None)
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED"):
+        full_env.pop(var, None)  # left by in-process Trainers; each launch picks its own free port
     start = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPTS / name), *map(str, args)],
@@ -63,4 +64,20 @@ def leftover_processes(marker: str) -> list[str]:
             continue
         if marker in cmd and str(os.getpid()) != pid:
             found.append(cmd)
+    return found
+
+
+def child_processes() -> list[int]:
+    """PIDs of live processes whose parent is this process."""
+    me, found = os.getpid(), []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = (Path("/proc") / pid / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == me and fields[0] != "Z":
+            found.append(int(pid))
     return found

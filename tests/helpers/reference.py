@@ -15,7 +15,7 @@ from tests.helpers.models import MemoryLogger, SeqRegressor, loader, regression_
 
 @functools.lru_cache(maxsize=None)
 def single_device_fit(
-    optimizer: str, batch_size: int, max_steps: int = 6, permutation_seed: int | None = None
+    optimizer: str, batch_size: int, max_steps: int = 6, permutation_seed: int | None = None, clip: float | None = 0.3
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Weights and per-step logged train_loss of a plain one-device Trainer (same seed and data as
     tests/scripts/fit_pipeline.py).
@@ -29,7 +29,7 @@ def single_device_fit(
     logger = MemoryLogger()
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, logger=logger, log_every_n_steps=1,
-        gradient_clip_val=0.3, enable_checkpointing=False, enable_progress_bar=False,
+        gradient_clip_val=clip, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
     )  # fmt: skip
     data = regression_data()

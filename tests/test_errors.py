@@ -1,0 +1,136 @@
+"""Bad configurations fail at setup with a clear message, before any process can hang; a stage
+that fails mid-training ends every process quickly with the original error visible."""
+
+from __future__ import annotations
+
+import uuid
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from lightning_asyncpipe import AsyncPipeStrategy, BalanceError, PipelineConfigError
+from tests.helpers.launch import child_processes, leftover_processes, run_script
+from tests.helpers.models import SeqRegressor, loader, regression_data
+
+
+def _trainer(devices: int = 2, **strategy: object) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=devices, strategy=AsyncPipeStrategy(**strategy), max_steps=1,
+                     logger=False, enable_progress_bar=False, enable_checkpointing=False)  # fmt: skip
+
+
+class NoSequential(SeqRegressor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.ModuleList(list(self.net))  # type: ignore[assignment]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class TwoSequentials(SeqRegressor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Sequential(nn.Linear(4, 4))
+
+
+class Manual(SeqRegressor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+
+def _fit_fails(model: L.LightningModule, devices: int = 2, **strategy: object) -> str:
+    with pytest.raises(PipelineConfigError) as info:
+        _trainer(devices, **strategy).fit(model, loader(regression_data(), 8))
+    assert not child_processes(), "a process was started before the error"
+    return str(info.value)
+
+
+def test_more_stages_than_layers() -> None:
+    message = _fit_fails(SeqRegressor(depth=2), devices=4)  # 3 layers, 4 stages
+    assert "cannot split 3 layers into 4 stages" in message
+    assert isinstance(pytest.raises(BalanceError, _trainer(4).fit, SeqRegressor(depth=2)).value, BalanceError)
+
+
+def test_no_sequential() -> None:
+    message = _fit_fails(NoSequential())
+    assert "has none" in message and "'net'" in message
+
+
+def test_several_sequentials() -> None:
+    message = _fit_fails(TwoSequentials())
+    assert "['net', 'head']" in message and "sequential='net'" in message
+
+
+def test_named_sequential_must_exist() -> None:
+    assert "not an nn.Sequential" in _fit_fails(SeqRegressor(), sequential="body")
+
+
+def test_parameters_outside_the_sequential() -> None:
+    model = SeqRegressor()
+    model.scale = nn.Parameter(torch.ones(()))
+    assert "found 1 outside it: scale" in _fit_fails(model)
+
+
+def test_devices_not_divisible_by_stages() -> None:
+    with pytest.raises(PipelineConfigError, match=r"number of processes \(3\) to be divisible by the number of pipeline stages \(2\)"):
+        _trainer(3, stages=2)
+
+
+@pytest.mark.parametrize("microbatches", [0, -1, 1.5])
+def test_microbatches_below_one(microbatches: object) -> None:
+    with pytest.raises(PipelineConfigError, match="microbatches >= 1"):
+        AsyncPipeStrategy(microbatches=microbatches)  # type: ignore[arg-type]
+
+
+def test_manual_optimization() -> None:
+    assert "does not support manual optimization" in _fit_fails(Manual())
+
+
+def test_unknown_policy() -> None:
+    with pytest.raises(PipelineConfigError, match="Unknown pipeline policy 'pipedraem'. Available policies: .*gpipe"):
+        AsyncPipeStrategy(policy="pipedraem")
+
+
+def test_accumulate_grad_batches_rejected_at_setup() -> None:
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=AsyncPipeStrategy(), accumulate_grad_batches=2,
+                        max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False)  # fmt: skip
+    with pytest.raises(PipelineConfigError, match="accumulate_grad_batches=2"):
+        trainer.fit(SeqRegressor(), loader(regression_data(), 8))
+
+
+def test_gradient_scaler_rejected() -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = SimpleNamespace(scale=lambda loss: loss)  # stands for torch.amp.GradScaler, which needs CUDA
+    strategy = AsyncPipeStrategy(precision_plugin=MixedPrecision("16-mixed", "cpu", scaler=scaler))  # type: ignore[arg-type]
+    with pytest.raises(PipelineConfigError, match="does not support precision='16-mixed'"):
+        strategy._check_trainer(SimpleNamespace(accumulate_grad_batches=1))  # type: ignore[arg-type]
+
+
+@pytest.mark.multiprocess
+def test_several_optimizers_rejected_in_launched_processes() -> None:
+    message = "supports exactly one optimizer, but configure_optimizers returned several"
+    token = uuid.uuid4().hex
+    result = run_script("fit_faulty.py", "two-optimizers", token, timeout=90)
+    assert result.returncode != 0
+    assert message in result.output
+    assert result.elapsed < 60
+    assert not leftover_processes(token)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_stage_failure_ends_every_process(where: str) -> None:
+    token = uuid.uuid4().hex
+    result = run_script("fit_faulty.py", f"raise-{where}", token, timeout=90)
+    assert result.returncode != 0
+    assert f"RuntimeError: boom from the {where} stage" in result.output
+    assert result.elapsed < 60, f"took {result.elapsed:.0f} s"
+    assert not leftover_processes(token)
