@@ -58,3 +58,16 @@ def test_fit_resumes_from_checkpoint_exactly(run) -> None:
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], atol=1e-6, rtol=0)
     assert max((straight[k] - first[k]).abs().max() for k in straight) > 1e-4  # the third epoch did train
+
+
+@pytest.mark.multiprocess
+def test_validate_and_test_run_through_the_pipeline(run) -> None:
+    import torch.nn.functional as F
+
+    evaluated = json.loads((run / "evaluated.json").read_text())
+    model = SeqRegressor.load_from_checkpoint(json.loads((run / "rank0.json").read_text())["best"])
+    x, y = regression_data(16, seed=1).tensors
+    with torch.no_grad():
+        expected = (F.mse_loss(model(x[:8]), y[:8]) + F.mse_loss(model(x[8:]), y[8:])) / 2
+    assert evaluated["validate"][0]["val_loss"] == pytest.approx(float(expected), abs=1e-6)
+    assert evaluated["test"][0]["test_loss"] == pytest.approx(float(expected), abs=1e-6)

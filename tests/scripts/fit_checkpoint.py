@@ -44,8 +44,12 @@ def main() -> None:
     with open(os.path.join(out, f"rank{t.global_rank}.json"), "w") as f:
         json.dump(seen, f)
     predictions = t.predict(model, loader(regression_data(16, seed=2), 4), ckpt_path="best")
+    validated = t.validate(model, val, ckpt_path="best")
+    tested = t.test(model, val, ckpt_path="best")
     if t.global_rank == 0:
         torch.save(torch.cat(predictions), os.path.join(out, "predictions.pt"))
+        with open(os.path.join(out, "evaluated.json"), "w") as f:
+            json.dump({"validate": validated, "test": tested}, f)
 
     # 2. three epochs straight vs two epochs, then resume to three
     for name, epochs, resume in [("straight", 3, None), ("first", 2, None), ("resumed", 3, "first/last.ckpt")]:
