@@ -30,8 +30,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_asyncpipe.errors import ShapeError
+from lightning_asyncpipe.topology import Topology
 
-__all__ = ["TensorMeta", "PendingRecv", "Transport", "TorchP2PTransport", "LocalTransport", "LocalHub"]
+__all__ = [
+    "TensorMeta", "PendingRecv", "Transport", "TorchP2PTransport", "LocalTransport", "LocalHub", "PipelineGroups",
+]  # fmt: skip
 
 _DTYPES = [
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
@@ -54,8 +57,9 @@ class TensorMeta:
         return TensorMeta(tuple(t.shape), t.dtype, bool(t.requires_grad))
 
 
-def metas_of(tensors: Sequence[Tensor]) -> tuple[TensorMeta, ...]:
-    return tuple(TensorMeta.of(t) for t in tensors)
+def metas_of(tensors: Sequence[Tensor], requires_grad: Optional[Sequence[bool]] = None) -> tuple[TensorMeta, ...]:
+    flags = [t.requires_grad for t in tensors] if requires_grad is None else list(requires_grad)
+    return tuple(TensorMeta(tuple(t.shape), t.dtype, bool(f)) for t, f in zip(tensors, flags))
 
 
 def _encode(metas: Sequence[TensorMeta]) -> Tensor:
@@ -97,7 +101,9 @@ class PendingRecv(Protocol):
 class Transport(Protocol):
     """What the executor needs to exchange tensors with its neighbouring stages."""
 
-    def send_activation(self, tensors: Sequence[Tensor], key: Hashable) -> None: ...
+    def send_activation(
+        self, tensors: Sequence[Tensor], key: Hashable, requires_grad: Optional[Sequence[bool]] = None
+    ) -> None: ...
 
     def recv_activation(self, key: Hashable) -> PendingRecv: ...
 
@@ -230,10 +236,14 @@ class TorchP2PTransport:
         while self._sends and self._sends[0][0].is_completed():
             self._sends.popleft()
 
-    def send_activation(self, tensors: Sequence[Tensor], key: Hashable) -> None:
+    def send_activation(
+        self, tensors: Sequence[Tensor], key: Hashable, requires_grad: Optional[Sequence[bool]] = None
+    ) -> None:
+        """Send a stage output; ``requires_grad`` overrides the tensors' own flags (a gradient is
+        expected back for exactly the flagged tensors)."""
         ch = self._act_out
         assert ch is not None, "the last stage sends no activations"
-        metas = metas_of(tensors)
+        metas = metas_of(tensors, requires_grad)
         cached = ch.cache.get(key)
         if cached is None:
             ch.cache[key] = metas
@@ -308,20 +318,57 @@ class LocalTransport:
             raise RuntimeError(f"LocalTransport: stage {self._stage} waits for a {kind} message that was never sent.")
         return tuple(t.requires_grad_(True) if rg and t.is_floating_point() else t for t, rg in box.popleft())
 
-    def _put(self, kind: str, dst: int, tensors: Sequence[Tensor], keep_flags: bool) -> None:
-        self._hub.box(kind, dst).append(tuple((t.detach().clone(), keep_flags and t.requires_grad) for t in tensors))
+    def _put(self, kind: str, dst: int, tensors: Sequence[Tensor], flags: Sequence[bool]) -> None:
+        self._hub.box(kind, dst).append(tuple((t.detach().clone(), bool(f)) for t, f in zip(tensors, flags)))
 
-    def send_activation(self, tensors: Sequence[Tensor], key: Hashable) -> None:
-        self._put("act", self._stage + 1, tensors, keep_flags=True)
+    def send_activation(
+        self, tensors: Sequence[Tensor], key: Hashable, requires_grad: Optional[Sequence[bool]] = None
+    ) -> None:
+        self._put("act", self._stage + 1, tensors, [t.requires_grad for t in tensors] if requires_grad is None else requires_grad)
 
     def recv_activation(self, key: Hashable) -> PendingRecv:
         return _Ready(lambda: self._take("act"))
 
     def send_grad(self, tensors: Sequence[Tensor]) -> None:
-        self._put("grad", self._stage - 1, tensors, keep_flags=False)
+        self._put("grad", self._stage - 1, tensors, [False] * len(tensors))
 
     def recv_grad(self, metas: Sequence[TensorMeta]) -> PendingRecv:
         return _Ready(lambda: self._take("grad"))
 
     def wait_sends(self) -> None:
         return None
+
+
+class PipelineGroups:
+    """The process groups one rank takes part in; every rank creates every group, in one order.
+
+    Attributes:
+        pipeline: the ranks of this rank's pipeline replica (log hand-off, checkpoint gathering,
+            the gradient norm of synchronous clipping).
+        stage: the ranks holding this rank's stage in every replica (gradient averaging), or
+            ``None`` with one replica.
+        p2p: the four channels to the neighbouring stages, each its own group.
+    """
+
+    def __init__(self, topo: Topology, rank: int) -> None:
+        stage, replica = topo.stage_of(rank), topo.replica_of(rank)
+        self.pipeline: Any = None
+        self.stage: Any = None
+        self.p2p: dict[str, Any] = {}
+        for r in range(topo.n_replicas):
+            group = dist.new_group(topo.pipeline_ranks(r))
+            if r == replica:
+                self.pipeline = group
+        if topo.n_replicas > 1:
+            for s in range(topo.n_stages):
+                group = dist.new_group(topo.stage_ranks(s))
+                if s == stage:
+                    self.stage = group
+        for r in range(topo.n_replicas):
+            for s in range(topo.n_stages - 1):
+                pair = sorted([topo.rank_of(s, r), topo.rank_of(s + 1, r)])
+                forward, backward = dist.new_group(pair), dist.new_group(pair)
+                if r == replica and s == stage:
+                    self.p2p.update(act_out=forward, grad_in=backward)
+                if r == replica and s + 1 == stage:
+                    self.p2p.update(act_in=forward, grad_out=backward)

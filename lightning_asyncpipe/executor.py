@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from lightning_asyncpipe.comm import PendingRecv, TensorMeta, Transport
 from lightning_asyncpipe.errors import AsyncPipeError, PipelineConfigError
 from lightning_asyncpipe.partition import computing
-from lightning_asyncpipe.policies.base import WeightPolicy
+from lightning_asyncpipe.policies.base import ApplyUpdate, WeightPolicy
 from lightning_asyncpipe.schedule import Action, ActionKind
 
 __all__ = ["StepHooks", "PipelineExecutor", "ActionTiming", "as_tensors"]
@@ -86,7 +86,8 @@ class PipelineExecutor:
         n_stages: stages in the pipeline.
         transport: how tensors reach the neighbouring stages.
         policy: the weight-version policy.
-        apply_update: performs one optimizer update of the live weights (called by the policy).
+        apply_update: performs one optimizer update of the live weights (called by the policy, which
+            may pass its own step function).
     """
 
     def __init__(
@@ -96,12 +97,12 @@ class PipelineExecutor:
         n_stages: int,
         transport: Transport,
         policy: WeightPolicy,
-        apply_update: Callable[[], None],
+        apply_update: ApplyUpdate,
     ) -> None:
         self.module, self.stage, self.n_stages = module, stage, n_stages
         self.transport, self.policy, self.apply_update = transport, policy, apply_update
         self.is_first, self.is_last = stage == 0, stage == n_stages - 1
-        self._in_flight: dict[int, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {}
+        self._in_flight: dict[int, tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[bool, ...]]] = {}
         self._act_recv: dict[int, PendingRecv] = {}
         self._grad_recv: dict[int, PendingRecv] = {}
         self.timings: list[ActionTiming] = []
@@ -133,7 +134,7 @@ class PipelineExecutor:
     def _forward(self, j: int, hooks: StepHooks, train: bool) -> None:
         inputs = hooks.stage_inputs(j) if self.is_first else self._act_recv.pop(j).wait()
         with computing(self.module):
-            outputs = self.policy.forward(self.module, inputs, j)
+            outputs = self.policy.forward(self.module, inputs, j, train)
         if self.is_last:
             loss = hooks.stage_outputs(j, outputs)
             if train:
@@ -142,30 +143,39 @@ class PipelineExecutor:
                         f"The training step returned {type(loss).__name__} for micro-batch {j}: in automatic "
                         "optimization it must return a loss tensor that requires grad (or a dict with 'loss')."
                     )
-                self._in_flight[j] = (inputs, (loss,))
+                self._in_flight[j] = (inputs, (loss,), (True,))
             return
         out = as_tensors(outputs, self.stage)
-        if train and not any(t.requires_grad for t in out):
+        # outputs of a forward that the backward recomputes carry no graph yet: every floating
+        # output is then differentiable
+        recompute = train and self.policy.recomputes(j)
+        flags = tuple(t.requires_grad or (recompute and t.is_floating_point()) for t in out)
+        if train and not any(flags):
             raise PipelineConfigError(
                 f"Stage {self.stage}'s output for micro-batch {j} does not require grad, so no gradient can flow back "
                 "through the pipeline. Make sure the layers before this stage boundary have trainable parameters "
                 "or take inputs that require grad."
             )
-        self.transport.send_activation(out, hooks.key(j))
+        self.transport.send_activation(out, hooks.key(j), flags)
         if train:
-            self._in_flight[j] = (inputs, out)
-            self._grad_recv[j] = self.transport.recv_grad([TensorMeta.of(t) for t in out if t.requires_grad])
+            self._in_flight[j] = (inputs, out, flags)
+            self._grad_recv[j] = self.transport.recv_grad([TensorMeta.of(t) for t, f in zip(out, flags) if f])
 
     def _backward(self, j: int) -> None:
         try:
-            inputs, outputs = self._in_flight.pop(j)
+            inputs, outputs, flags = self._in_flight.pop(j)
         except KeyError:
             raise AsyncPipeError(f"Stage {self.stage} has no forward state for micro-batch {j}.") from None
         if self.is_last:
             torch.autograd.backward(outputs[0])
         else:
             grads = self._grad_recv.pop(j).wait()
-            torch.autograd.backward([t for t in outputs if t.requires_grad], list(grads))
+            if self.policy.recomputes(j):
+                with computing(self.module):
+                    outputs = as_tensors(self.policy.recompute(self.module, inputs, j), self.stage)
+            pairs = [(t, g) for t, g in zip([t for t, f in zip(outputs, flags) if f], grads) if t.requires_grad]
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        self.policy.after_backward(j)
         if not self.is_first:
             self.transport.send_grad(
                 [x.grad if x.grad is not None else torch.zeros_like(x) for x in inputs if x.requires_grad]

@@ -38,10 +38,11 @@ from lightning_asyncpipe.checkpoint import (
     merge_optimizer_states,
     optimizer_state_by_name,
 )
-from lightning_asyncpipe.comm import TorchP2PTransport
+from lightning_asyncpipe.comm import PipelineGroups, TorchP2PTransport
 from lightning_asyncpipe.errors import PipelineConfigError
 from lightning_asyncpipe.executor import PipelineExecutor
 from lightning_asyncpipe.microbatch import microbatch_weights, split
+from lightning_asyncpipe.pipeline import StagePipeline
 from lightning_asyncpipe.partition import (
     Balance,
     Partition,
@@ -52,7 +53,7 @@ from lightning_asyncpipe.partition import (
     restore_module,
 )
 from lightning_asyncpipe.policies import WeightPolicy, available_policies, get_policy, policy_class
-from lightning_asyncpipe.schedule import forward_only
+from lightning_asyncpipe.policies.base import StepFn
 from lightning_asyncpipe.topology import Topology
 from lightning_asyncpipe.user_step import LogRecord, LogRecorder, UserStep
 
@@ -61,33 +62,6 @@ __all__ = ["AsyncPipeStrategy"]
 log = logging.getLogger(__name__)
 
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
-
-
-class _Groups:
-    """The process groups one rank takes part in (all ranks create all groups, in one order)."""
-
-    def __init__(self, topo: Topology, rank: int) -> None:
-        stage, replica = topo.stage_of(rank), topo.replica_of(rank)
-        self.pipeline: Any = None
-        self.stage: Any = None
-        self.p2p: dict[str, Any] = {}
-        for r in range(topo.n_replicas):
-            group = dist.new_group(topo.pipeline_ranks(r))
-            if r == replica:
-                self.pipeline = group
-        if topo.n_replicas > 1:
-            for s in range(topo.n_stages):
-                group = dist.new_group(topo.stage_ranks(s))
-                if s == stage:
-                    self.stage = group
-        for r in range(topo.n_replicas):
-            for s in range(topo.n_stages - 1):
-                pair = sorted([topo.rank_of(s, r), topo.rank_of(s + 1, r)])
-                forward, backward = dist.new_group(pair), dist.new_group(pair)
-                if r == replica and s == stage:
-                    self.p2p.update(act_out=forward, grad_in=backward)
-                if r == replica and s + 1 == stage:
-                    self.p2p.update(act_in=forward, grad_out=backward)
 
 
 class _ValidatingMixin:
@@ -197,13 +171,12 @@ class AsyncPipeStrategy(ParallelStrategy):
         self._timeout = timeout
         self._start_method = start_method
         self._topology: Optional[Topology] = None
-        self._groups: Optional[_Groups] = None
+        self._groups: Optional[PipelineGroups] = None
         self._partition: Optional[Partition] = None
         self._policy: Optional[WeightPolicy] = None
         self._executor: Optional[PipelineExecutor] = None
         self._recorder = LogRecorder()
-        self._train_step = 0
-        self._fill_step = 0
+        self._pipeline: Optional[StagePipeline] = None
         self._failed = False
         self._data_seed: Optional[int] = None
 
@@ -303,7 +276,7 @@ class AsyncPipeStrategy(ParallelStrategy):
         if self.root_device.type != "cpu":
             kwargs["device_id"] = self.root_device
         _init_dist_connection(self.cluster_environment, backend, **kwargs)
-        self._groups = _Groups(self.topology, self.global_rank)
+        self._groups = PipelineGroups(self.topology, self.global_rank)
         self._data_seed = int(self.broadcast(int(torch.randint(0, 2**62, ()).item())))
 
     # ------------------------------------------------------------------ setup
@@ -355,8 +328,9 @@ class AsyncPipeStrategy(ParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm  # type: ignore[method-assign]
         self._policy = get_policy(self.policy_name, **self.policy_options)
-        self._policy.validate(topo.n_stages, self.microbatches)
         stage, replica = self.stage, self.replica
+        self._policy.bind(stage, topo.n_stages, self.microbatches, self._partition.local,
+                          self.optimizers[0] if self.optimizers else None)  # fmt: skip
         transport = TorchP2PTransport(
             prev_rank=topo.rank_of(stage - 1, replica) if stage > 0 else None,
             next_rank=topo.rank_of(stage + 1, replica) if stage < topo.n_stages - 1 else None,
@@ -367,7 +341,7 @@ class AsyncPipeStrategy(ParallelStrategy):
         self._executor = PipelineExecutor(
             self._partition.local, stage, topo.n_stages, transport, self._policy, self._apply_update
         )
-        self._train_step = self._fill_step = 0
+        self._pipeline = StagePipeline(self._executor, self.microbatches)
 
     @override
     def setup_optimizers(self, trainer: Trainer) -> None:
@@ -400,37 +374,53 @@ class AsyncPipeStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ training
 
-    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...], actions_for: Callable[[int], list[Any]],
-             training: bool) -> UserStep:  # fmt: skip
-        assert self._executor is not None and self._partition is not None
+    def _user_step(self, fn: Callable[..., Any], args: tuple[Any, ...], training: bool) -> UserStep:
+        assert self._partition is not None and self._pipeline is not None
+        microbatches = split(args[0], self.microbatches)
+        first = self._pipeline.first_microbatch if training else 0
+        return UserStep(fn, microbatches, first, tuple(args[1:]), self._partition.local,
+                        microbatch_weights(microbatches), self._recorder, training)  # fmt: skip
+
+    def _recording(self) -> Any:
+        """While user steps run, ``self.log`` goes to the recorder."""
         module = self.lightning_module
         assert module is not None
-        microbatches = split(args[0], self.microbatches)
-        first = self._train_step * self.microbatches if training else 0
-        step = UserStep(fn, microbatches, first, tuple(args[1:]), self._partition.local,
-                        microbatch_weights(microbatches), self._recorder, training)  # fmt: skip
-        module.log = self._recorder  # type: ignore[method-assign]
-        try:
-            self._executor.run(actions_for(self.stage), step, train=training)
-        finally:
-            del module.log
-        return step
+        recorder = self._recorder
+
+        class _Recording:
+            def __enter__(self) -> None:
+                module.log = recorder  # type: ignore[method-assign]
+
+            def __exit__(self, *exc: Any) -> None:
+                del module.log
+
+        return _Recording()
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        assert self._policy is not None and self.lightning_module is not None
-        topo, policy, k = self.topology, self._policy, self._train_step
-        with self.precision_plugin.train_step_context():
-            step = self._run(
-                self.lightning_module.training_step,
-                args,
-                lambda s: policy.step_actions(topo.n_stages, self.microbatches, s, k, self._fill_step),
-                training=True,
-            )
-        self._train_step += 1
-        output = step.merged_outputs()
-        output = self._share_from_last_stage(output, self._recorder.pop())
-        return output
+        assert self._pipeline is not None and self.lightning_module is not None
+        step = self._user_step(self.lightning_module.training_step, args, training=True)
+        with self.precision_plugin.train_step_context(), self._recording():
+            self._pipeline.train_step(step)
+        if self._drain_due():
+            self.drain()
+        return self._share_from_last_stage(step.merged_outputs(), self._recorder.pop())
+
+    def _drain_due(self) -> bool:
+        """Whether this step ends an epoch or the fit: the pipeline must be empty afterwards."""
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None:
+            return True
+        loop = trainer.fit_loop
+        last_batch = loop.epoch_loop.batch_progress.is_last_batch
+        max_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
+        final_step = max_steps is not None and trainer.global_step + 1 >= max_steps
+        return bool(last_batch or final_step)
+
+    def drain(self) -> None:
+        """Complete the micro-batches in flight and apply their updates (all stages call it together)."""
+        if self._pipeline is not None:
+            self._pipeline.drain()  # backwards and updates only: no user code runs
 
     def _share_from_last_stage(self, output: Any, records: list[LogRecord]) -> Any:
         """Give every stage of this replica the last stage's step output and log records, and log them."""
@@ -449,7 +439,7 @@ class AsyncPipeStrategy(ParallelStrategy):
             module.log(r.name, value, **r.kwargs)
         return output
 
-    def _apply_update(self) -> None:
+    def _apply_update(self, step_fn: Optional[StepFn] = None) -> None:
         """One optimizer update of this stage's live weights (called by the policy at a ``U`` action)."""
         assert self.lightning_module is not None
         optimizer = self.optimizers[0]
@@ -464,9 +454,13 @@ class AsyncPipeStrategy(ParallelStrategy):
                     g.copy_(synced)
         # on_before_optimizer_step hooks and gradient clipping, as Lightning runs them after a closure
         self.precision_plugin._after_closure(self.lightning_module, optimizer)
-        optimizer.step()
-        for p in params:
-            p.grad = None
+        if step_fn is None:
+            optimizer.step()
+        else:
+            step_fn(optimizer)
+        for group in optimizer.param_groups:  # the policy may have swapped parameters in
+            for p in group["params"]:
+                p.grad = None
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
         """Clip by the norm over *all* stages for synchronous policies (exactly what one device does),
@@ -496,14 +490,32 @@ class AsyncPipeStrategy(ParallelStrategy):
     # ------------------------------------------------------------------ evaluation
 
     def _eval_step(self, fn: Callable[..., Any], args: tuple[Any, ...], share_output: bool) -> Any:
-        topo = self.topology
-        step = self._run(fn, args, lambda s: forward_only(topo.n_stages, self.microbatches)[s], training=False)
+        assert self._pipeline is not None
+        step = self._user_step(fn, args, training=False)
+        with self._recording():
+            self._pipeline.eval_step(step)
         output = step.merged_outputs() if step.outputs else None
         records = self._recorder.pop()
         if not share_output:
             self._share_from_last_stage(None, records)
             return output
         return self._share_from_last_stage(output, records)
+
+    @override
+    def on_validation_start(self) -> None:
+        self.drain()
+
+    @override
+    def on_test_start(self) -> None:
+        self.drain()
+
+    @override
+    def on_predict_start(self) -> None:
+        self.drain()
+
+    @override
+    def on_train_end(self) -> None:
+        self.drain()
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -575,6 +587,7 @@ class AsyncPipeStrategy(ParallelStrategy):
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         assert self.lightning_module is not None
+        self.drain()  # a checkpoint holds no half-applied batch
         parts = self._gather_to_zero(self.lightning_module.state_dict())
         return {} if parts is None else {k: v for part in parts for k, v in part.items()}
 

@@ -97,13 +97,14 @@ class Stage:
         self.opt = torch.optim.SGD(self.module.parameters(), lr=LR)
         self.grads: list[dict[str, torch.Tensor]] = []
         self.policy = get_policy(policy_name)
+        self.policy.bind(stage, N_STAGES, N_MICRO, self.part.local, self.opt)
         self.executor = PipelineExecutor(
             self.part.local, stage, N_STAGES, LocalTransport(hub, stage), self.policy, self.apply_update
         )
 
-    def apply_update(self) -> None:
+    def apply_update(self, step_fn=None) -> None:
         self.grads.append({n: p.grad.clone() for n, p in self.module.named_parameters()})
-        self.opt.step()
+        (step_fn or (lambda opt: opt.step()))(self.opt)
         self.opt.zero_grad()
 
 

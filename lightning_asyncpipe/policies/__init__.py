@@ -1,6 +1,10 @@
 """Weight-version policies, one module each, looked up by name."""
 
 from lightning_asyncpipe.policies.base import PolicyReport, WeightPolicy
+from lightning_asyncpipe.policies.pipedream import PipeDreamPolicy
+from lightning_asyncpipe.policies.pipedream_2bw import PipeDream2BWPolicy
+from lightning_asyncpipe.policies.pipelined_backprop import PipelinedBackpropPolicy
+from lightning_asyncpipe.policies.pipemare import PipeMarePolicy
 from lightning_asyncpipe.policies.registry import available_policies, get_policy, policy_class, register_policy
 from lightning_asyncpipe.policies.sync import GPipePolicy, PipeDreamFlushPolicy
 
@@ -13,4 +17,8 @@ __all__ = [
     "available_policies",
     "GPipePolicy",
     "PipeDreamFlushPolicy",
+    "PipeDreamPolicy",
+    "PipeDream2BWPolicy",
+    "PipeMarePolicy",
+    "PipelinedBackpropPolicy",
 ]

@@ -5,36 +5,41 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from lightning_asyncpipe.policies.registry import register_policy
 from lightning_asyncpipe.policies.base import WeightPolicy
+from lightning_asyncpipe.policies.registry import register_policy
 from lightning_asyncpipe.schedule import Action, gpipe, one_f_one_b
 
 __all__ = ["GPipePolicy", "PipeDreamFlushPolicy"]
 
 
+class _Synchronous(WeightPolicy):
+    synchronous: ClassVar[bool] = True
+
+    def drain_actions(self, n_stages: int, n_microbatches: int, stage: int, step: int, fill_step: int) -> list[Action]:
+        return []  # every step ends with an empty pipeline
+
+
 @register_policy
-class GPipePolicy(WeightPolicy):
+class GPipePolicy(_Synchronous):
     """GPipe (Huang et al., 2019): all forwards, then all backwards, then one update per batch.
 
     Every stage holds up to ``m`` micro-batches of activations; bubble ``(p-1)/(m+p-1)``.
     """
 
     name: ClassVar[str] = "gpipe"
-    synchronous: ClassVar[bool] = True
 
     def step_actions(self, n_stages: int, n_microbatches: int, stage: int, step: int, fill_step: int) -> list[Action]:
         return gpipe(n_stages, n_microbatches, step)[stage]
 
 
 @register_policy
-class PipeDreamFlushPolicy(WeightPolicy):
+class PipeDreamFlushPolicy(_Synchronous):
     """PipeDream-Flush (Narayanan et al., ICML 2021, section 3): 1F1B within a batch, then a flush.
 
     Same result and bubble as GPipe, but stage ``s`` holds at most ``p-s`` micro-batches in flight.
     """
 
     name: ClassVar[str] = "pipedream_flush"
-    synchronous: ClassVar[bool] = True
 
     def step_actions(self, n_stages: int, n_microbatches: int, stage: int, step: int, fill_step: int) -> list[Action]:
         return one_f_one_b(n_stages, n_microbatches, step)[stage]

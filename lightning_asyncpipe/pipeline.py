@@ -1,0 +1,84 @@
+"""Driving one stage's executor across steps: the actions of each step, fills and drains.
+
+Synchronous policies start and end every step with an empty pipeline. Asynchronous ones keep
+the micro-batches of consecutive steps in flight; :meth:`StagePipeline.drain` completes them and
+applies their updates (called before validation, before a checkpoint is written, at epoch end
+and at the end of fit), and the next step fills the pipeline again from the latest weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+from torch import Tensor
+
+from lightning_asyncpipe.executor import PipelineExecutor, StepHooks
+from lightning_asyncpipe.policies.base import WeightPolicy
+from lightning_asyncpipe.schedule import Action, forward_only
+
+__all__ = ["StagePipeline"]
+
+
+class _NoHooks:
+    """Hooks for action lists without forwards (drains)."""
+
+    def key(self, microbatch: int) -> Hashable:
+        raise AssertionError("a drain runs no forward")
+
+    def stage_inputs(self, microbatch: int) -> tuple[Tensor, ...]:
+        raise AssertionError("a drain runs no forward")
+
+    def stage_outputs(self, microbatch: int, outputs: Any) -> None:
+        raise AssertionError("a drain runs no forward")
+
+
+class StagePipeline:
+    """The step-level state of one stage: step counter, last fill, whether work is in flight.
+
+    Args:
+        executor: this stage's executor (which holds the policy).
+        n_microbatches: micro-batches per step.
+    """
+
+    def __init__(self, executor: PipelineExecutor, n_microbatches: int) -> None:
+        self.executor = executor
+        self.n_microbatches = n_microbatches
+        self.step = 0
+        self.fill_step = 0
+        self.pending = False
+
+    @property
+    def policy(self) -> WeightPolicy:
+        return self.executor.policy
+
+    @property
+    def first_microbatch(self) -> int:
+        """Global index of the first micro-batch of the next training step."""
+        return self.step * self.n_microbatches
+
+    def train_actions(self) -> list[Action]:
+        ex = self.executor
+        return self.policy.step_actions(ex.n_stages, self.n_microbatches, ex.stage, self.step, self.fill_step)
+
+    def train_step(self, hooks: StepHooks) -> None:
+        """Run this stage's actions of one training step."""
+        self.executor.run(self.train_actions(), hooks, train=True)
+        self.step += 1
+        self.pending = not self.policy.synchronous
+
+    def drain(self) -> None:
+        """Complete every micro-batch in flight and apply its update; the next step refills."""
+        if self.pending:
+            ex = self.executor
+            actions = self.policy.drain_actions(ex.n_stages, self.n_microbatches, ex.stage, self.step - 1, self.fill_step)
+            ex.run(actions, _NoHooks(), train=True)
+            self.pending = False
+        self.fill_step = self.step
+        self.executor.transport.wait_sends()
+
+    def eval_step(self, hooks: StepHooks) -> None:
+        """Forward one batch for evaluation; drains first so evaluation sees the latest weights."""
+        self.drain()
+        ex = self.executor
+        self.executor.run(forward_only(ex.n_stages, self.n_microbatches)[ex.stage], hooks, train=False)

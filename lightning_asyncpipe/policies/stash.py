@@ -1,0 +1,121 @@
+"""Weight stashing: keeping older weight versions alive for the passes that still need them.
+
+[Note: versions as parameter objects] The forward of a micro-batch records, in its autograd
+graph, the parameter tensors it used. An optimizer update mutates the live parameters in place,
+which would corrupt (or, through autograd's version counter, reject) every graph still waiting
+for its backward. So when an update is due while the live version is still needed (by a graph in
+flight or by a forward to come), the live parameters become the stashed version as they are,
+untouched, and the module and the optimizer get fresh copies to update (moving the gradient and
+the optimizer state with them). The stash costs exactly one copy per version in flight and no
+copy at all when nothing needs the old version; backward passes find their version in their own
+graph, and their gradients are then folded into the live parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_asyncpipe.policies.base import ApplyUpdate, WeightPolicy
+
+__all__ = ["StashingPolicy"]
+
+
+class StashingPolicy(WeightPolicy):
+    """Base of the policies whose forward and backward of a micro-batch use the same version.
+
+    Subclasses define :meth:`forward_version`; the base keeps the versions alive, runs forwards
+    on old versions through ``torch.func.functional_call``, folds gradients of old versions into
+    the live parameters and decides at each update whether the live version must be stashed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stash: dict[int, list[nn.Parameter]] = {}
+        self._next_forward: Optional[int] = None
+
+    def forward_version(self, microbatch: int) -> int:
+        """The version the forward (and backward) of ``microbatch`` uses at this stage."""
+        return self.updates
+
+    def _names(self) -> list[str]:
+        assert self.module is not None
+        return [n for n, _ in self.module.named_parameters()]
+
+    def forward(self, module: nn.Module, inputs: tuple[Tensor, ...], microbatch: int, training: bool) -> Any:
+        version = self.forward_version(microbatch) if training else self.updates
+        self._next_forward = microbatch + 1
+        if training:
+            self._note_forward(microbatch, version)
+        if version == self.updates:
+            return module(*inputs)
+        if version not in self._stash:
+            raise RuntimeError(f"stage {self.stage}: weight version {version} of micro-batch {microbatch} was not kept")
+        return functional_call(module, dict(zip(self._names(), self._stash[version])), inputs)
+
+    def after_backward(self, microbatch: int) -> None:
+        version = self._forward_version.get(microbatch)
+        super().after_backward(microbatch)
+        old = self._stash.get(version) if version is not None else None
+        if old is None:
+            return
+        assert self.module is not None
+        for stashed, live in zip(old, self.module.parameters()):
+            if stashed.grad is not None:
+                live.grad = stashed.grad if live.grad is None else live.grad.add_(stashed.grad)
+                stashed.grad = None
+
+    def _future_floor(self) -> int:
+        """The oldest version a forward that has not run yet may use (versions only grow)."""
+        if self._next_forward is None:
+            return self.updates
+        return min(self.updates, self.forward_version(self._next_forward))
+
+    def update(self, batch: int, apply: ApplyUpdate) -> None:
+        live, in_flight = self.updates, self.in_flight_versions()
+        self.updates += 1  # look ahead: which versions do passes after this update still need?
+        floor = self._future_floor()
+        self.updates -= 1
+        if live in in_flight or floor <= live:
+            self._stash[live] = self._detach_live()
+        apply(None)
+        self._finish_update(batch)
+        keep_from = min(in_flight | {floor})
+        for version in [v for v in self._stash if v < keep_from]:
+            del self._stash[version]
+        self._refresh_report()
+
+    def _detach_live(self) -> list[nn.Parameter]:
+        """Hand the live parameters over to the stash and give the module and optimizer copies."""
+        assert self.module is not None
+        old = list(self.module.parameters())
+        swap: dict[int, nn.Parameter] = {}
+        for name, param in list(self.module.named_parameters()):
+            fresh = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+            fresh.grad, param.grad = param.grad, None
+            owner, _, leaf = name.rpartition(".")
+            self.module.get_submodule(owner)._parameters[leaf] = fresh
+            swap[id(param)] = fresh
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["params"] = [swap.get(id(p), p) for p in group["params"]]
+            for param in old:
+                if param in self.optimizer.state:
+                    self.optimizer.state[swap[id(param)]] = self.optimizer.state.pop(param)
+        for param in old:
+            param.requires_grad_(param.requires_grad)
+        return old
+
+    def weight_copies(self) -> int:
+        return 1 + len(self._stash)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "stash": {v: [p.detach().cpu() for p in ps] for v, ps in self._stash.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        device = next(self.module.parameters()).device if self.module is not None else torch.device("cpu")
+        self._stash = {int(v): [nn.Parameter(t.to(device)) for t in ps] for v, ps in state.get("stash", {}).items()}
