@@ -9,12 +9,13 @@ and at the end of fit), and the next step fills the pipeline again from the late
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, Optional
 
 from torch import Tensor
+from torch.optim import Optimizer
 
 from lightning_asyncpipe.executor import PipelineExecutor, StepHooks
-from lightning_asyncpipe.policies.base import WeightPolicy
+from lightning_asyncpipe.policies.base import StepFn, WeightPolicy
 from lightning_asyncpipe.schedule import Action, forward_only
 
 __all__ = ["StagePipeline"]
@@ -34,19 +35,45 @@ class _NoHooks:
 
 
 class StagePipeline:
-    """The step-level state of one stage: step counter, last fill, whether work is in flight.
+    """The step-level state of one stage: step counter, last fill, whether work is in flight, and
+    the learning rate of each step.
+
+    [Note: the learning rate of a delayed update] An asynchronous stage applies the update of
+    batch ``k`` during a later step, after the LR scheduler has moved on. The update of batch ``k``
+    always uses the learning rates the scheduler gave for step ``k`` (recorded when the step
+    starts), so a schedule means the same thing for every policy and every number of stages.
 
     Args:
-        executor: this stage's executor (which holds the policy).
+        executor: this stage's executor (which holds the policy); its ``apply_update`` is wrapped.
         n_microbatches: micro-batches per step.
+        optimizer: the stage's optimizer (``None`` when only evaluating).
     """
 
-    def __init__(self, executor: PipelineExecutor, n_microbatches: int) -> None:
+    def __init__(self, executor: PipelineExecutor, n_microbatches: int, optimizer: Optional[Optimizer] = None) -> None:
         self.executor = executor
         self.n_microbatches = n_microbatches
+        self.optimizer = optimizer
         self.step = 0
         self.fill_step = 0
         self.pending = False
+        self._apply = executor.apply_update
+        self._step_lrs: dict[int, list[float]] = {}
+        executor.apply_update = self._apply_with_step_lr
+
+    def _apply_with_step_lr(self, batch: int, step_fn: Optional[StepFn]) -> None:
+        lrs = self._step_lrs.pop(batch, None)
+        if self.optimizer is None or lrs is None:
+            self._apply(batch, step_fn)
+            return
+        groups = self.optimizer.param_groups
+        current = [g["lr"] for g in groups]
+        for g, lr in zip(groups, lrs):
+            g["lr"] = lr
+        try:
+            self._apply(batch, step_fn)
+        finally:
+            for g, lr in zip(groups, current):
+                g["lr"] = lr
 
     @property
     def policy(self) -> WeightPolicy:
@@ -63,6 +90,8 @@ class StagePipeline:
 
     def train_step(self, hooks: StepHooks) -> None:
         """Run this stage's actions of one training step."""
+        if self.optimizer is not None:
+            self._step_lrs[self.step] = [g["lr"] for g in self.optimizer.param_groups]
         self.executor.run(self.train_actions(), hooks, train=True)
         self.step += 1
         self.pending = not self.policy.synchronous

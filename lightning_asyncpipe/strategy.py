@@ -341,7 +341,7 @@ class AsyncPipeStrategy(ParallelStrategy):
         self._executor = PipelineExecutor(
             self._partition.local, stage, topo.n_stages, transport, self._policy, self._apply_update
         )
-        self._pipeline = StagePipeline(self._executor, self.microbatches)
+        self._pipeline = StagePipeline(self._executor, self.microbatches, self.optimizers[0] if self.optimizers else None)
 
     @override
     def setup_optimizers(self, trainer: Trainer) -> None:
@@ -439,7 +439,7 @@ class AsyncPipeStrategy(ParallelStrategy):
             module.log(r.name, value, **r.kwargs)
         return output
 
-    def _apply_update(self, step_fn: Optional[StepFn] = None) -> None:
+    def _apply_update(self, batch: int, step_fn: Optional[StepFn] = None) -> None:
         """One optimizer update of this stage's live weights (called by the policy at a ``U`` action)."""
         assert self.lightning_module is not None
         optimizer = self.optimizers[0]

@@ -102,7 +102,7 @@ class Stage:
             self.part.local, stage, N_STAGES, LocalTransport(hub, stage), self.policy, self.apply_update
         )
 
-    def apply_update(self, step_fn=None) -> None:
+    def apply_update(self, batch, step_fn=None) -> None:
         self.grads.append({n: p.grad.clone() for n, p in self.module.named_parameters()})
         (step_fn or (lambda opt: opt.step()))(self.opt)
         self.opt.zero_grad()

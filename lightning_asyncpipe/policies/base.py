@@ -28,9 +28,11 @@ __all__ = ["WeightPolicy", "PolicyReport", "StepFn", "ApplyUpdate"]
 StepFn = Callable[[Optimizer], None]
 """Performs the optimizer's update of the live parameters (default: ``optimizer.step()``)."""
 
-ApplyUpdate = Callable[[Optional[StepFn]], None]
-"""Applies one update: reduce gradients over replicas, run hooks and clipping, call the step
-function (or ``optimizer.step()``), clear the gradients. Provided by the code around the executor."""
+ApplyUpdate = Callable[[int, Optional[StepFn]], None]
+"""``apply(batch, step_fn)`` applies the update of ``batch``: reduce gradients over replicas, run
+hooks and clipping, call the step function (or ``optimizer.step()``) with the learning rate the
+scheduler gave for that batch's step, clear the gradients. Provided by the code around the
+executor (see :class:`lightning_asyncpipe.pipeline.StagePipeline`)."""
 
 
 @dataclass
@@ -142,7 +144,7 @@ class WeightPolicy(ABC):
 
     def update(self, batch: int, apply: ApplyUpdate) -> None:
         """Apply the gradient accumulated for ``batch`` to the live weights."""
-        apply(None)
+        apply(batch, None)
         self._finish_update(batch)
 
     # ------------------------------------------------------------------ bookkeeping

@@ -87,5 +87,5 @@ class PipelinedBackpropPolicy(RecomputingPolicy):
 
     def update(self, batch: int, apply: ApplyUpdate) -> None:
         delay = self.tau if self.spike_compensation else 0
-        apply((lambda opt: spike_compensated_sgd_step(opt, delay)) if delay else None)
+        apply(batch, (lambda opt: spike_compensated_sgd_step(opt, delay)) if delay else None)
         self._finish_update(batch)

@@ -87,7 +87,8 @@ class PipeMarePolicy(RecomputingPolicy):
 
     def update(self, batch: int, apply: ApplyUpdate) -> None:
         factor = self.lr_factor()
-        before = [p.detach().clone() for _, p in self._named_live()] if self.discrepancy_correction else None
+        correcting = self.discrepancy_correction and self.tau >= 1  # the last stage never needs it
+        before = [p.detach().clone() for _, p in self._named_live()] if correcting else None
 
         def step(optimizer: Optimizer) -> None:
             saved = [g["lr"] for g in optimizer.param_groups]
@@ -99,7 +100,7 @@ class PipeMarePolicy(RecomputingPolicy):
                 for g, lr in zip(optimizer.param_groups, saved):
                     g["lr"] = lr
 
-        apply(step if factor != 1.0 else None)
+        apply(batch, step if factor != 1.0 else None)
         if before is not None:
             live = [p.detach() for _, p in self._named_live()]
             if self._velocity is None:

@@ -79,14 +79,13 @@ class StashingPolicy(WeightPolicy):
         self.updates += 1  # look ahead: which versions do passes after this update still need?
         floor = self._future_floor()
         self.updates -= 1
-        if live in in_flight or floor <= live:
-            self._stash[live] = self._detach_live()
-        apply(None)
-        self._finish_update(batch)
         keep_from = min(in_flight | {floor})
         for version in [v for v in self._stash if v < keep_from]:
-            del self._stash[version]
-        self._refresh_report()
+            del self._stash[version]  # no graph in flight uses it and no forward to come will
+        if live in in_flight or floor <= live:
+            self._stash[live] = self._detach_live()
+        apply(batch, None)
+        self._finish_update(batch)
 
     def _detach_live(self) -> list[nn.Parameter]:
         """Hand the live parameters over to the stash and give the module and optimizer copies."""

@@ -1,0 +1,246 @@
+"""The executable specification: every policy run sequentially in one process, with no pipeline.
+
+This module does not import the schedule, the executor or the policies. It trains copies of the
+stages one micro-batch at a time, in data order, and decides from each policy's *definition*
+(the table in docs/concepts.md) which weight version every forward and backward uses and with
+which learning rate every update is applied. The multi-process engine must end with the same
+weights; that equality is the proof that the engine implements the policies.
+
+Definitions (``p`` stages, ``m`` micro-batches per batch, ``w_s = p-1-s``; micro-batch ``j`` of
+batch ``k``; ``f`` the step at which the pipeline was last filled, ``r = j - f*m``; versions count
+updates, and every batch is one update, so ``f`` updates were done at the fill):
+
+=====================  =========================================  ==============================
+policy                 forward version                            backward
+=====================  =========================================  ==============================
+gpipe, pipedream_flush ``k``                                      same weights
+pipedream              ``f + floor(max(0, r - w_s) / m)``         same weights
+pipedream vertical     ``f + floor(max(0, r - (p-1)) / m)``       same weights
+pipedream_2bw          ``max(0, k - 1)``                          same weights
+pipemare               as pipedream (latest)                      ``W(k) - gap * delta`` (T2)
+pipelined_backprop     as pipedream; ``W - lr*gap*v`` with LWP    ``W(k)``
+=====================  =========================================  ==============================
+
+``gap = k - forward version`` for the non-stashing policies. The update of batch ``k`` at stage
+``s`` applies the batch's mean gradient to the newest weights with the learning rate the
+scheduler gave for step ``k`` (whenever the stage gets to apply it). Asynchronous policies clip
+gradients per stage; synchronous ones by the norm over all stages.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.optim import Optimizer
+
+from lightning_asyncpipe.microbatch import microbatch_weights, split
+
+__all__ = ["reference_train", "ReferenceResult", "SYNCHRONOUS", "STASHING", "RECOMPUTING"]
+
+SYNCHRONOUS = ("gpipe", "pipedream_flush")
+STASHING = ("pipedream", "pipedream_2bw")
+RECOMPUTING = ("pipemare", "pipelined_backprop")
+
+
+@dataclass
+class ReferenceResult:
+    """Final weights (keyed as the full module) and, per stage, the delay of each update."""
+
+    state_dict: dict[str, Tensor]
+    delays: list[list[int]] = field(default_factory=list)
+
+
+def _snapshot(module: nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def _lr_table(optimizer_factory: Callable[[Iterable[nn.Parameter]], Optimizer],
+              scheduler_factory: Optional[Callable[[Optimizer], Any]], n_steps: int) -> list[float]:  # fmt: skip
+    """The learning rate during each step, as the scheduler (stepped once per step) sets it."""
+    probe = optimizer_factory([nn.Parameter(torch.zeros(1))])
+    scheduler = scheduler_factory(probe) if scheduler_factory is not None else None
+    table = []
+    for _ in range(n_steps + 1):
+        table.append(float(probe.param_groups[0]["lr"]))
+        if scheduler is not None:
+            probe.step()
+            scheduler.step()
+    return table
+
+
+def _sgd_spike_compensated(optimizer: Optimizer, delay: int) -> None:
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            mu, lr, wd, damp = group["momentum"], group["lr"], group["weight_decay"], group["dampening"]
+            a = mu**delay
+            b = (1.0 - a) / (1.0 - mu)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
+                state = optimizer.state[p]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.clone(g).detach()
+                else:
+                    state["momentum_buffer"].mul_(mu).add_(g, alpha=1.0 - damp)
+                p.add_(state["momentum_buffer"], alpha=-lr * a)
+                if b != 0.0:
+                    p.add_(g, alpha=-lr * b)
+
+
+def reference_train(
+    sequential: nn.Sequential,
+    counts: Sequence[int],
+    policy: str,
+    batches: Sequence[tuple[Any, Any]],
+    microbatches: int,
+    loss_fn: Callable[[Any, Any], Tensor],
+    optimizer: Callable[[Iterable[nn.Parameter]], Optimizer],
+    lr_scheduler: Optional[Callable[[Optimizer], Any]] = None,
+    clip_grad_norm: Optional[float] = None,
+    drain_after: Iterable[int] = (),
+    policy_options: Optional[dict[str, Any]] = None,
+    prefix: str = "net.",
+) -> ReferenceResult:
+    """Train ``sequential`` (a copy) on ``batches`` as ``policy`` defines it.
+
+    Args:
+        sequential: the full model's layers (not modified).
+        counts: layers per stage.
+        policy: a policy name.
+        batches: ``(inputs, targets)`` per step.
+        microbatches: ``m``.
+        loss_fn: ``loss_fn(output, target)``, a mean over a micro-batch.
+        optimizer, lr_scheduler: factories, as the engine gets them (one scheduler step per step).
+        clip_grad_norm: the engine's clipping norm.
+        drain_after: steps after which the pipeline is drained (the last step always is).
+        policy_options: the policy's keyword arguments.
+        prefix: prepended to the Sequential's keys in the result.
+    """
+    opts = dict(policy_options or {})
+    p, m, n_steps = len(counts), microbatches, len(batches)
+    names = list(sequential._modules)
+    edges = [sum(counts[:i]) for i in range(p + 1)]
+    stages = [nn.Sequential(OrderedDict((names[i], copy.deepcopy(sequential[i])) for i in range(edges[s], edges[s + 1])))
+              for s in range(p)]  # fmt: skip
+    optims = [optimizer(st.parameters()) for st in stages]
+    lrs = _lr_table(optimizer, lr_scheduler, n_steps)
+    drains = set(drain_after) | {n_steps - 1}
+    history: list[dict[int, dict[str, Tensor]]] = [{0: _snapshot(st)} for st in stages]
+    momentum: list[dict[int, dict[str, Optional[Tensor]]]] = [{0: {}} for _ in stages]
+    velocity: list[Optional[dict[str, Tensor]]] = [None] * p
+    delays: list[list[int]] = [[] for _ in stages]
+    warm = [p - 1 - s for s in range(p)]
+    tau = [math.ceil(w / m) for w in warm]
+    fill = 0
+    vsync = policy == "pipedream" and opts.get("vertical_sync", False)
+
+    def forward_version(s: int, j: int, k: int) -> int:
+        r = j - fill * m
+        if policy in SYNCHRONOUS:
+            return k
+        if policy == "pipedream_2bw":
+            return max(0, k - 1)
+        return fill + max(0, r - ((p - 1) if vsync else warm[s])) // m
+
+    for k, (x, y) in enumerate(batches):
+        xs, ys = split(x, m), split(y, m)
+        shares = microbatch_weights(xs)
+        grads: list[dict[str, Tensor]] = [{} for _ in stages]
+        oldest = [k] * p
+        for i in range(m):
+            j = k * m + i
+            fv = [forward_version(s, j, k) for s in range(p)]
+            recompute = [policy in RECOMPUTING and fv[s] != k for s in range(p)]
+            inputs: list[Tensor] = []
+            leaves: list[dict[str, Tensor]] = []
+            outputs: list[Tensor] = []
+            h = xs[i]
+            for s, st in enumerate(stages):
+                oldest[s] = min(oldest[s], fv[s])
+                h_in = h.detach().requires_grad_(s > 0)
+                weights = history[s][fv[s]]
+                if policy == "pipelined_backprop" and opts.get("weight_prediction", True) and fv[s] != k:
+                    gap = k - fv[s]
+                    lr_now = lrs[k]
+                    weights = {n: w if momentum[s][fv[s]].get(n) is None else w - lr_now * gap * momentum[s][fv[s]][n]
+                               for n, w in weights.items()}  # fmt: skip
+                if recompute[s]:
+                    with torch.no_grad():
+                        out = functional_call(st, weights, (h_in,))
+                    leaves.append({})
+                else:
+                    leaf = {n: w.clone().requires_grad_(True) for n, w in weights.items()}
+                    out = functional_call(st, leaf, (h_in,))
+                    leaves.append(leaf)
+                inputs.append(h_in)
+                outputs.append(out)
+                h = out.detach()
+            loss = loss_fn(outputs[-1], ys[i]) * shares[i]
+            grad_out: Optional[Tensor] = None
+            for s in reversed(range(p)):
+                st = stages[s]
+                if recompute[s]:
+                    gap = k - fv[s]
+                    current = history[s][k]
+                    if policy == "pipemare" and opts.get("discrepancy_correction", True) and velocity[s] is not None:
+                        current = {n: w - gap * velocity[s][n] for n, w in current.items()}  # type: ignore[index]
+                    leaves[s] = {n: w.clone().requires_grad_(True) for n, w in current.items()}
+                    outputs[s] = functional_call(st, leaves[s], (inputs[s],))
+                if s == p - 1:
+                    torch.autograd.backward(loss)
+                else:
+                    torch.autograd.backward(outputs[s], grad_out)
+                for n, leaf in leaves[s].items():
+                    if leaf.grad is not None:
+                        grads[s][n] = grads[s][n] + leaf.grad if n in grads[s] else leaf.grad.clone()
+                grad_out = inputs[s].grad
+        # one update per stage, on the newest weights
+        if clip_grad_norm is not None:
+            if policy in SYNCHRONOUS:
+                total = sum(g.pow(2).sum() for gs in grads for g in gs.values())
+                coefs = [torch.clamp(clip_grad_norm / (torch.sqrt(total) + 1e-6), max=1.0)] * p
+            else:
+                coefs = [torch.clamp(clip_grad_norm / (torch.sqrt(sum(g.pow(2).sum() for g in gs.values())) + 1e-6),
+                                     max=1.0) for gs in grads]  # fmt: skip
+            grads = [{n: g * c for n, g in gs.items()} for gs, c in zip(grads, coefs)]
+        for s, st in enumerate(stages):
+            opt = optims[s]
+            before = _snapshot(st)
+            for n, param in st.named_parameters():
+                param.grad = grads[s].get(n)
+            lr = lrs[k]
+            if policy == "pipemare" and opts.get("lr_rescheduling", True) and tau[s] >= 1:
+                anneal = opts.get("anneal_updates", 500)
+                lr *= float(tau[s]) ** -(1.0 - (1.0 if anneal <= 0 else min(k / anneal, 1.0)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            if policy == "pipelined_backprop" and opts.get("spike_compensation", True) and tau[s] > 0:
+                _sgd_spike_compensated(opt, tau[s])
+            else:
+                opt.step()
+            delays[s].append(k - oldest[s])
+            history[s][k + 1] = _snapshot(st)
+            momentum[s][k + 1] = {n: (opt.state[q].get("momentum_buffer") if q in opt.state else None)
+                                  for n, q in st.named_parameters()}  # fmt: skip
+            momentum[s][k + 1] = {n: None if b is None else b.detach().clone() for n, b in momentum[s][k + 1].items()}
+            if policy == "pipemare" and opts.get("discrepancy_correction", True):
+                decay = opts.get("velocity_decay", 0.5)
+                if velocity[s] is None:
+                    velocity[s] = {n: torch.zeros_like(w) for n, w in before.items()}
+                for n, w in history[s][k + 1].items():
+                    velocity[s][n].mul_(decay).add_(w - before[n], alpha=1.0 - decay)  # type: ignore[index]
+        if k in drains:
+            fill = k + 1
+    state: dict[str, Tensor] = {}
+    for st in stages:
+        state.update({prefix + n: t.detach().clone() for n, t in st.state_dict().items()})
+    return ReferenceResult(state, delays)

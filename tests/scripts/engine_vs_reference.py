@@ -1,0 +1,48 @@
+"""Run every engine-versus-reference case on N real processes (gloo) with the raw engine; each
+rank saves its stage's weights and policy report per case.
+
+Usage: python engine_vs_reference.py OUT_DIR N_STAGES
+"""
+
+import dataclasses
+import os
+import socket
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from lightning_asyncpipe.comm import PipelineGroups  # noqa: E402
+from lightning_asyncpipe.engine import PipelineEngine  # noqa: E402
+from lightning_asyncpipe.topology import Topology  # noqa: E402
+from tests.helpers import engine_cases as C  # noqa: E402
+
+
+def worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    groups = PipelineGroups(Topology(world, world), rank)
+    data = C.batches()
+    for i, case in enumerate(C.cases(world)):
+        engine = PipelineEngine(
+            C.model(), n_stages=world, policy=case.policy, policy_options=case.options,
+            microbatches=case.microbatches, optimizer=C.optimizer(case.optimizer), loss_fn=C.loss_fn,
+            lr_scheduler=C.scheduler, groups=groups,
+        )  # fmt: skip
+        for k, (x, y) in enumerate(data):
+            engine.train_step(x, y, drain=k in C.DRAIN_AFTER or k == len(data) - 1)
+        torch.save({"state": engine.stage_state_dict(), "report": dataclasses.asdict(engine.policy.report())},
+                   os.path.join(out, f"{i}-{rank}.pt"))  # fmt: skip
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    out, world = sys.argv[1], int(sys.argv[2])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(worker, args=(world, port, out), nprocs=world, start_method="spawn")
