@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Any, Optional
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -101,7 +102,10 @@ class StagePipeline:
         if self.pending:
             ex = self.executor
             actions = self.policy.drain_actions(ex.n_stages, self.n_microbatches, ex.stage, self.step - 1, self.fill_step)
-            ex.run(actions, _NoHooks(), train=True)
+            # Drains are requested from Lightning's evaluation and checkpoint hooks, which run under
+            # inference mode: backward passes, recomputation and updates need autograd back.
+            with torch.inference_mode(False), torch.enable_grad():
+                ex.run(actions, _NoHooks(), train=True)
             self.pending = False
         self.fill_step = self.step
         self.executor.transport.wait_sends()

@@ -342,6 +342,7 @@ class AsyncPipeStrategy(ParallelStrategy):
             self._partition.local, stage, topo.n_stages, transport, self._policy, self._apply_update
         )
         self._pipeline = StagePipeline(self._executor, self.microbatches, self.optimizers[0] if self.optimizers else None)
+        self._drain_before_validation_zero_grad(module)
 
     @override
     def setup_optimizers(self, trainer: Trainer) -> None:
@@ -416,6 +417,20 @@ class AsyncPipeStrategy(ParallelStrategy):
         max_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
         final_step = max_steps is not None and trainer.global_step + 1 >= max_steps
         return bool(last_batch or final_step)
+
+    def _drain_before_validation_zero_grad(self, module: LightningModule) -> None:
+        """Lightning clears the module's gradients (``on_validation_model_zero_grad``) before a
+        validation run inside fit, which would wipe the partial gradients of micro-batches still in
+        flight: drain first."""
+        if "on_validation_model_zero_grad" in vars(module):
+            return
+        original = module.on_validation_model_zero_grad
+
+        def drain_then_zero_grad() -> None:
+            self.drain()
+            original()
+
+        module.on_validation_model_zero_grad = drain_then_zero_grad  # type: ignore[method-assign]
 
     def drain(self) -> None:
         """Complete the micro-batches in flight and apply their updates (all stages call it together)."""
@@ -616,6 +631,8 @@ class AsyncPipeStrategy(ParallelStrategy):
     @override
     def teardown(self) -> None:
         module = self.lightning_module
+        if module is not None and "on_validation_model_zero_grad" in vars(module):
+            del module.on_validation_model_zero_grad
         if self._partition is not None and module is not None:
             if not self._failed and _distributed_is_initialized():
                 if self._executor is not None:

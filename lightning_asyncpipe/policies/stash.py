@@ -47,8 +47,8 @@ class StashingPolicy(WeightPolicy):
 
     def forward(self, module: nn.Module, inputs: tuple[Tensor, ...], microbatch: int, training: bool) -> Any:
         version = self.forward_version(microbatch) if training else self.updates
-        self._next_forward = microbatch + 1
         if training:
+            self._next_forward = microbatch + 1
             self._note_forward(microbatch, version)
         if version == self.updates:
             return module(*inputs)
