@@ -9,6 +9,7 @@ from lightning_asyncpipe.errors import (
     StageFailure,
 )
 from lightning_asyncpipe.policies import WeightPolicy, available_policies, get_policy, register_policy
+from lightning_asyncpipe.callbacks import PipelineTimeline
 from lightning_asyncpipe.strategy import AsyncPipeStrategy
 from lightning_asyncpipe.topology import Topology
 
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncPipeStrategy",
+    "PipelineTimeline",
     "Topology",
     "WeightPolicy",
     "available_policies",

@@ -77,6 +77,10 @@ def as_tensors(outputs: Any, stage: int) -> tuple[Tensor, ...]:
     return tuple(items)
 
 
+def _nbytes(tensors: Sequence[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class PipelineExecutor:
     """Runs one stage's actions.
 
@@ -107,6 +111,8 @@ class PipelineExecutor:
         self._grad_recv: dict[int, PendingRecv] = {}
         self.timings: list[ActionTiming] = []
         self.record_timings = True
+        self.activation_bytes = 0
+        self.peak_activation_bytes = 0
 
     @property
     def in_flight(self) -> list[int]:
@@ -143,7 +149,7 @@ class PipelineExecutor:
                         f"The training step returned {type(loss).__name__} for micro-batch {j}: in automatic "
                         "optimization it must return a loss tensor that requires grad (or a dict with 'loss')."
                     )
-                self._in_flight[j] = (inputs, (loss,), (True,))
+                self._keep(j, (inputs, (loss,), (True,)))
             return
         out = as_tensors(outputs, self.stage)
         # outputs of a forward that the backward recomputes carry no graph yet: every floating
@@ -158,7 +164,7 @@ class PipelineExecutor:
             )
         self.transport.send_activation(out, hooks.key(j), flags)
         if train:
-            self._in_flight[j] = (inputs, out, flags)
+            self._keep(j, (inputs, out, flags))
             self._grad_recv[j] = self.transport.recv_grad([TensorMeta.of(t) for t, f in zip(out, flags) if f])
 
     def _backward(self, j: int) -> None:
@@ -166,6 +172,7 @@ class PipelineExecutor:
             inputs, outputs, flags = self._in_flight.pop(j)
         except KeyError:
             raise AsyncPipeError(f"Stage {self.stage} has no forward state for micro-batch {j}.") from None
+        self.activation_bytes -= _nbytes(inputs) + _nbytes(outputs)
         if self.is_last:
             torch.autograd.backward(outputs[0])
         else:
@@ -180,6 +187,16 @@ class PipelineExecutor:
             self.transport.send_grad(
                 [x.grad if x.grad is not None else torch.zeros_like(x) for x in inputs if x.requires_grad]
             )
+
+    def _keep(self, j: int, state: tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[bool, ...]]) -> None:
+        self._in_flight[j] = state
+        self.activation_bytes += _nbytes(state[0]) + _nbytes(state[1])
+        self.peak_activation_bytes = max(self.peak_activation_bytes, self.activation_bytes)
+
+    def pop_peak_activation_bytes(self) -> int:
+        """The most bytes of stage inputs and outputs kept for backward since the last call."""
+        peak, self.peak_activation_bytes = self.peak_activation_bytes, self.activation_bytes
+        return peak
 
     def pop_timings(self) -> list[ActionTiming]:
         timings, self.timings = self.timings, []

@@ -4,6 +4,7 @@ executor into a Trainer. No pipeline logic lives here."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Callable, Literal, Optional, Union
@@ -41,7 +42,8 @@ from lightning_asyncpipe.checkpoint import (
 from lightning_asyncpipe.comm import PipelineGroups, TorchP2PTransport
 from lightning_asyncpipe.errors import PipelineConfigError
 from lightning_asyncpipe.executor import PipelineExecutor
-from lightning_asyncpipe.microbatch import microbatch_weights, split
+from lightning_asyncpipe.metrics import PipelineMetrics
+from lightning_asyncpipe.microbatch import batch_size, microbatch_weights, split
 from lightning_asyncpipe.pipeline import StagePipeline
 from lightning_asyncpipe.partition import (
     Balance,
@@ -55,6 +57,8 @@ from lightning_asyncpipe.partition import (
 from lightning_asyncpipe.policies import WeightPolicy, available_policies, get_policy, policy_class
 from lightning_asyncpipe.policies.base import StepFn
 from lightning_asyncpipe.topology import Topology
+from lightning_asyncpipe.trace import TimelineEvent, TimelineRecorder
+from lightning_asyncpipe.trace import merge as merge_timeline
 from lightning_asyncpipe.user_step import LogRecord, LogRecorder, UserStep
 
 __all__ = ["AsyncPipeStrategy"]
@@ -113,6 +117,8 @@ class AsyncPipeStrategy(ParallelStrategy):
         process_group_backend: ``"gloo"``, ``"nccl"``; default from the device.
         timeout: timeout of the process groups and of every wait for a neighbour's tensors.
         start_method: ``"popen"`` (re-run the script, as DDP) or a multiprocessing start method.
+        pipeline_metrics: log ``pipeline/stage{s}/...`` metrics (bubble, staleness, stashed
+            weights, activations, transfer wait) and throughput every ``log_every_n_steps`` steps.
 
     Raises:
         PipelineConfigError: for an unknown policy, ``microbatches < 1`` or bad options; at setup,
@@ -143,6 +149,7 @@ class AsyncPipeStrategy(ParallelStrategy):
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
         start_method: StartMethod = "popen",
+        pipeline_metrics: bool = True,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -177,6 +184,10 @@ class AsyncPipeStrategy(ParallelStrategy):
         self._executor: Optional[PipelineExecutor] = None
         self._recorder = LogRecorder()
         self._pipeline: Optional[StagePipeline] = None
+        self.pipeline_metrics = pipeline_metrics
+        self._metrics: Optional[PipelineMetrics] = None
+        self._last_step_start: Optional[float] = None
+        self.timeline: Optional[TimelineRecorder] = None
         self._failed = False
         self._data_seed: Optional[int] = None
 
@@ -343,6 +354,8 @@ class AsyncPipeStrategy(ParallelStrategy):
         )
         self._pipeline = StagePipeline(self._executor, self.microbatches, self.optimizers[0] if self.optimizers else None)
         self._drain_before_validation_zero_grad(module)
+        self._metrics = PipelineMetrics(topo.n_stages, stage, self._groups.pipeline) if self.pipeline_metrics else None
+        self._last_step_start = None
 
     @override
     def setup_optimizers(self, trainer: Trainer) -> None:
@@ -400,12 +413,40 @@ class AsyncPipeStrategy(ParallelStrategy):
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         assert self._pipeline is not None and self.lightning_module is not None
+        started = time.perf_counter()
         step = self._user_step(self.lightning_module.training_step, args, training=True)
         with self.precision_plugin.train_step_context(), self._recording():
             self._pipeline.train_step(step)
-        if self._drain_due():
+        drain_due = self._drain_due()
+        if drain_due:
             self.drain()
-        return self._share_from_last_stage(step.merged_outputs(), self._recorder.pop())
+        output = self._share_from_last_stage(step.merged_outputs(), self._recorder.pop())
+        self._account_step(args[0], started, drain_due)
+        return output
+
+    def _account_step(self, batch: Any, started: float, window_end: bool) -> None:
+        """Feed this step's timings to the timeline and the metrics; log the metrics when due."""
+        assert self._executor is not None and self._pipeline is not None and self._policy is not None
+        timings = self._executor.pop_timings()
+        if self.timeline is not None:
+            self.timeline.record(self._pipeline.step - 1, timings)
+        if self._metrics is None:
+            return
+        previous, self._last_step_start = self._last_step_start, started
+        samples = batch_size(batch) * self.topology.n_replicas if previous is not None else 0
+        self._metrics.update(timings, self._policy.report(), self._executor.pop_peak_activation_bytes(),
+                             samples, samples * _tokens_per_sample(batch), started - previous if previous else 0.0)  # fmt: skip
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        every = max(1, trainer.log_every_n_steps) if trainer is not None else 50
+        if window_end or self._pipeline.step % every == 0:
+            assert self.lightning_module is not None
+            for name, value in self._metrics.compute().items():
+                self.lightning_module.log(name, value, on_step=True, on_epoch=False)
+
+    def gather_timeline(self) -> list[TimelineEvent]:
+        """Every stage's recorded timeline events of this replica (collective over the pipeline)."""
+        local = self.timeline.events if self.timeline is not None else []
+        return merge_timeline(self._all_gather_pipeline(local))
 
     def _drain_due(self) -> bool:
         """Whether this step ends an epoch or the fit: the pipeline must be empty afterwards."""
@@ -509,6 +550,8 @@ class AsyncPipeStrategy(ParallelStrategy):
         step = self._user_step(fn, args, training=False)
         with self._recording():
             self._pipeline.eval_step(step)
+        if self._executor is not None:
+            self._executor.pop_timings()  # evaluation does not count in the training metrics
         output = step.merged_outputs() if step.outputs else None
         records = self._recorder.pop()
         if not share_output:
@@ -653,6 +696,14 @@ class AsyncPipeStrategy(ParallelStrategy):
         for name in available_policies():
             strategy_registry.register(name, cls, description=f"AsyncPipeStrategy(policy={name!r})", policy=name,
                                        override=True)  # fmt: skip
+
+
+def _tokens_per_sample(batch: Any) -> int:
+    """Sequence length when the batch's first tensor holds token ids (integers, ``[B, T, ...]``), else 0."""
+    first = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if isinstance(first, Tensor) and not first.is_floating_point() and first.dim() >= 2:
+        return int(first[0].numel())
+    return 0
 
 
 def _sigkill() -> Any:

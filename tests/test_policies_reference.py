@@ -98,3 +98,17 @@ def test_2bw_does_not_depend_on_the_number_of_stages(runs: dict[int, str]) -> No
                        and c.optimizer == "adamw")  # fmt: skip
     flush, _ = _load(runs[2], flush_index, 2)
     assert max((flush[k] - weights[2][k]).abs().max() for k in flush) > 1e-4  # 2BW really is delayed
+
+
+def test_reference_does_not_use_the_engine() -> None:
+    """The specification must not be the implementation: it imports no schedule, executor or policy."""
+    import ast
+    from pathlib import Path
+
+    import lightning_asyncpipe.reference as ref
+
+    tree = ast.parse(Path(ref.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    ours = {m for m in imported if m.startswith("lightning_asyncpipe")}
+    assert ours == {"lightning_asyncpipe.microbatch"}
