@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Callable, Literal, Optional, Union
@@ -25,7 +26,6 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -42,6 +42,7 @@ from lightning_asyncpipe.checkpoint import (
 from lightning_asyncpipe.comm import PipelineGroups, TorchP2PTransport
 from lightning_asyncpipe.errors import PipelineConfigError
 from lightning_asyncpipe.executor import PipelineExecutor
+from lightning_asyncpipe.launch import ScriptLauncher, SpawnLauncher, reset_after_hydra_job
 from lightning_asyncpipe.metrics import PipelineMetrics
 from lightning_asyncpipe.microbatch import batch_size, microbatch_weights, split
 from lightning_asyncpipe.pipeline import StagePipeline
@@ -66,36 +67,6 @@ __all__ = ["AsyncPipeStrategy"]
 log = logging.getLogger(__name__)
 
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
-
-
-class _ValidatingMixin:
-    """Checks the module before any process is started, so a bad model fails in the main process."""
-
-    strategy: "AsyncPipeStrategy"
-
-    def launch(self, function: Callable, *args: Any, trainer: Optional[Trainer] = None, **kwargs: Any) -> Any:
-        if args and isinstance(args[0], LightningModule):
-            self.strategy._check_module(args[0])
-        return super().launch(function, *args, trainer=trainer, **kwargs)  # type: ignore[misc]
-
-
-class _ScriptLauncher(_ValidatingMixin, _SubprocessScriptLauncher):
-    """Lightning's script launcher that also ends the children when the main process fails.
-
-    Lightning kills the children only on KeyboardInterrupt; a child blocked in a rendezvous or a
-    receive from a dead main process would otherwise wait for the full process-group timeout.
-    """
-
-    def launch(self, function: Callable, *args: Any, trainer: Optional[Trainer] = None, **kwargs: Any) -> Any:
-        try:
-            return super().launch(function, *args, trainer=trainer, **kwargs)
-        except BaseException:
-            self.kill(_sigkill())
-            raise
-
-
-class _SpawnLauncher(_ValidatingMixin, _MultiProcessingLauncher):
-    pass
 
 
 class AsyncPipeStrategy(ParallelStrategy):
@@ -271,9 +242,9 @@ class AsyncPipeStrategy(ParallelStrategy):
         policy = get_policy(self.policy_name, **self.policy_options)
         policy.validate(self.n_stages, self.microbatches)
         if self._start_method == "popen":
-            self._launcher = _ScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+            self._launcher = ScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
         else:
-            self._launcher = _SpawnLauncher(self, start_method=self._start_method)
+            self._launcher = SpawnLauncher(self, start_method=self._start_method)
         self._launcher.strategy = self  # type: ignore[union-attr]
 
     @override
@@ -339,6 +310,9 @@ class AsyncPipeStrategy(ParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm  # type: ignore[method-assign]
         self._policy = get_policy(self.policy_name, **self.policy_options)
+        if not self._policy.synchronous:
+            # by design the first update of an asynchronous stage comes after the scheduler's first step
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
         stage, replica = self.stage, self.replica
         self._policy.bind(stage, topo.n_stages, self.microbatches, self._partition.local,
                           self.optimizers[0] if self.optimizers else None)  # fmt: skip
@@ -685,6 +659,8 @@ class AsyncPipeStrategy(ParallelStrategy):
             self._partition = None
         self._executor = None
         super().teardown()
+        if isinstance(self._launcher, ScriptLauncher):
+            reset_after_hydra_job(self._launcher)
 
     @classmethod
     @override
@@ -704,12 +680,6 @@ def _tokens_per_sample(batch: Any) -> int:
     if isinstance(first, Tensor) and not first.is_floating_point() and first.dim() >= 2:
         return int(first[0].numel())
     return 0
-
-
-def _sigkill() -> Any:
-    import signal
-
-    return getattr(signal, "SIGKILL", signal.SIGTERM)
 
 
 def _is_plain_value(value: Any) -> bool:

@@ -34,7 +34,7 @@ def run_script(name: str, *args: object, timeout: float = 240, env: dict[str, st
         full_env.pop(var, None)  # left by in-process Trainers; each launch picks its own free port
     start = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, str(SCRIPTS / name), *map(str, args)],
+        [sys.executable, str(name if Path(str(name)).is_absolute() else SCRIPTS / name), *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=str(ROOT),
         start_new_session=True,
     )  # fmt: skip

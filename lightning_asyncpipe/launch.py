@@ -1,0 +1,114 @@
+"""Starting the stage processes: Lightning's launchers, plus what a pipeline needs from them.
+
+- The module is checked in the main process before any child starts, so a model that cannot be
+  pipelined fails at once instead of after N processes rendezvous.
+- If the main process fails after launching, its children are killed (Lightning does so only
+  on KeyboardInterrupt; a child blocked in a rendezvous would otherwise wait for the timeout).
+- Under Hydra the children are started with *this job's* overrides in run mode, so a multirun
+  (``-m strategy=gpipe,pipedream_2bw``) starts one set of children per job instead of children
+  that start sweeps of their own; after each multirun job the main process leaves the
+  distributed state as it found it, so the next job launches afresh.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from lightning.pytorch.strategies.launchers.subprocess_script import _basic_subprocess_cmd
+
+if TYPE_CHECKING:
+    from lightning_asyncpipe.strategy import AsyncPipeStrategy
+
+__all__ = ["ScriptLauncher", "SpawnLauncher", "hydra_job_command", "reset_after_hydra_job"]
+
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def _hydra_config() -> Any:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+    except ImportError:
+        return None
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def hydra_job_command(local_rank: int) -> tuple[list[str], str]:
+    """The command that re-runs the current Hydra job (run mode, this job's overrides) in a child."""
+    import __main__
+    from hydra.utils import get_original_cwd, to_absolute_path
+
+    hc = _hydra_config()
+    if __main__.__spec__ is None:
+        command = [sys.executable, to_absolute_path(sys.argv[0])]
+    else:
+        command = [sys.executable, "-m", __main__.__spec__.name]
+    command += list(hc.overrides.task)
+    command += [f'hydra.run.dir="{hc.runtime.output_dir}"', f"hydra.job.name=train_ddp_process_{local_rank}",
+                "hydra.output_subdir=null"]  # fmt: skip
+    return command, get_original_cwd()
+
+
+class _ValidatingMixin:
+    strategy: "AsyncPipeStrategy"
+
+    def launch(self, function: Callable, *args: Any, trainer: Optional[Trainer] = None, **kwargs: Any) -> Any:
+        if args and isinstance(args[0], LightningModule):
+            self.strategy._check_module(args[0])
+        return super().launch(function, *args, trainer=trainer, **kwargs)  # type: ignore[misc]
+
+
+class ScriptLauncher(_ValidatingMixin, _SubprocessScriptLauncher):
+    """Lightning's script launcher (as DDP), with the pipeline's checks and clean-ups."""
+
+    def launch(self, function: Callable, *args: Any, trainer: Optional[Trainer] = None, **kwargs: Any) -> Any:
+        try:
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        except BaseException:
+            self.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
+            raise
+
+    def _call_children_scripts(self) -> None:
+        self._check_can_spawn_children()
+        self.procs = []
+        env = self.cluster_environment
+        os.environ["MASTER_ADDR"] = env.main_address
+        os.environ["MASTER_PORT"] = str(env.main_port)
+        os.environ["NODE_RANK"] = str(env.node_rank())
+        os.environ["LOCAL_RANK"] = str(env.local_rank())
+        os.environ["WORLD_SIZE"] = f"{self.num_processes * self.num_nodes}"
+        for local_rank in range(1, self.num_processes):
+            child_env = {**os.environ, "LOCAL_RANK": str(local_rank)}
+            if _hydra_config() is not None:
+                command, cwd = hydra_job_command(local_rank)
+            else:
+                command, cwd = _basic_subprocess_cmd(), None
+            self.procs.append(subprocess.Popen(command, env=child_env, cwd=cwd))
+
+
+class SpawnLauncher(_ValidatingMixin, _MultiProcessingLauncher):
+    """Lightning's multiprocessing launcher with the pipeline's checks."""
+
+
+def reset_after_hydra_job(launcher: ScriptLauncher) -> None:
+    """After a Hydra multirun job, wait for the children and undo the launch in this process, so
+    the next job's Trainer starts its own processes and process group."""
+    from hydra.types import RunMode
+
+    hc = _hydra_config()
+    if hc is None or hc.mode != RunMode.MULTIRUN or not getattr(launcher, "procs", None):
+        return
+    for proc in launcher.procs:
+        proc.wait()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for name in _LAUNCH_ENV:
+        os.environ.pop(name, None)
+    launcher.procs = []

@@ -1,0 +1,41 @@
+"""The main job (examples/train.py) at reduced size: the README's override and multirun commands."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers.launch import ROOT, run_script
+
+TRAIN = ROOT / "examples" / "train.py"
+
+
+@pytest.mark.multiprocess
+def test_override_command(tmp_path) -> None:
+    result = run_script(
+        TRAIN, "experiment=quick", "strategy=pipemare", "trainer.devices=4", "strategy.microbatches=8",
+        "trainer.max_steps=8", "trainer.val_check_interval=4", "timeline.first_step=3", "timeline.steps=2",
+        f"hydra.run.dir={tmp_path}", timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.output[-5000:]
+    out = result.output
+    assert "final train_loss" in out and "samples/s" in out
+    rows = [line for line in out.splitlines() if line.strip()[:1].isdigit() and "MiB" in line]
+    assert len(rows) == 4  # one summary row per stage
+    assert (tmp_path / "timeline" / "timeline.png").exists() and (tmp_path / "timeline" / "timeline.json").exists()
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().count("pipeline/stage3/bubble") == 1
+
+
+@pytest.mark.multiprocess
+def test_multirun_runs_each_job(tmp_path) -> None:
+    result = run_script(
+        TRAIN, "-m", "experiment=quick", "strategy=gpipe,pipedream_2bw", "trainer.max_steps=6",
+        "timeline.first_step=2", "timeline.steps=2", f"hydra.sweep.dir={tmp_path}", timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.output[-5000:]
+    assert result.output.count("final train_loss") == 2
+    for job in ("0", "1"):
+        assert (tmp_path / job / "csv" / "version_0" / "metrics.csv").exists()
+        assert (tmp_path / job / "timeline" / "timeline.png").exists()
+    assert "strategy=gpipe" in (tmp_path / "0" / ".hydra" / "overrides.yaml").read_text()
+    assert "strategy=pipedream_2bw" in (tmp_path / "1" / ".hydra" / "overrides.yaml").read_text()
