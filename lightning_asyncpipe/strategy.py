@@ -42,6 +42,7 @@ from lightning_asyncpipe.checkpoint import (
 from lightning_asyncpipe.comm import PipelineGroups, TorchP2PTransport
 from lightning_asyncpipe.errors import PipelineConfigError
 from lightning_asyncpipe.executor import PipelineExecutor
+from lightning_asyncpipe.handoff import StepHandoff, deferred_sigterm_check
 from lightning_asyncpipe.launch import ScriptLauncher, SpawnLauncher, reset_after_hydra_job
 from lightning_asyncpipe.metrics import PipelineMetrics
 from lightning_asyncpipe.microbatch import batch_size, microbatch_weights, split
@@ -159,6 +160,10 @@ class AsyncPipeStrategy(ParallelStrategy):
         self._metrics: Optional[PipelineMetrics] = None
         self._last_step_start: Optional[float] = None
         self.timeline: Optional[TimelineRecorder] = None
+        self._handoff: Optional[StepHandoff] = None
+        self._sigterm_check: Any = None
+        self._last_output: Any = None
+        self._pending_payloads: list[Any] = []
         self._failed = False
         self._data_seed: Optional[int] = None
 
@@ -330,6 +335,15 @@ class AsyncPipeStrategy(ParallelStrategy):
         self._drain_before_validation_zero_grad(module)
         self._metrics = PipelineMetrics(topo.n_stages, stage, self._groups.pipeline) if self.pipeline_metrics else None
         self._last_step_start = None
+        # Asynchronous policies must not wait for the last stage at step boundaries. (With several
+        # replicas `sync_dist` logs need every rank to log in the same step: keep it blocking.)
+        overlap = not self._policy.synchronous and topo.n_replicas == 1
+        self._handoff = StepHandoff(topo.pipeline_ranks(replica), self.global_rank, self._groups.pipeline,
+                                    deferred=overlap, device=self.root_device)  # fmt: skip
+        self._sigterm_check = None
+        if overlap and trainer.state.fn == TrainerFn.FITTING and self.world_size > 1:
+            self._sigterm_check = deferred_sigterm_check(trainer)
+            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = self._sigterm_check  # type: ignore[method-assign]
 
     @override
     def setup_optimizers(self, trainer: Trainer) -> None:
@@ -388,13 +402,15 @@ class AsyncPipeStrategy(ParallelStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         assert self._pipeline is not None and self.lightning_module is not None
         started = time.perf_counter()
+        self._replay_pending()
         step = self._user_step(self.lightning_module.training_step, args, training=True)
         with self.precision_plugin.train_step_context(), self._recording():
             self._pipeline.train_step(step)
+        output = self._hand_off(step.merged_outputs(), self._recorder.pop(), training=True)
         drain_due = self._drain_due()
         if drain_due:
             self.drain()
-        output = self._share_from_last_stage(step.merged_outputs(), self._recorder.pop())
+            self._replay_pending()  # the epoch's (or fit's) last records, on every stage
         self._account_step(args[0], started, drain_due)
         return output
 
@@ -451,23 +467,47 @@ class AsyncPipeStrategy(ParallelStrategy):
         """Complete the micro-batches in flight and apply their updates (all stages call it together)."""
         if self._pipeline is not None:
             self._pipeline.drain()  # backwards and updates only: no user code runs
+        if self._handoff is not None:
+            self._pending_payloads += self._handoff.flush()
 
-    def _share_from_last_stage(self, output: Any, records: list[LogRecord]) -> Any:
-        """Give every stage of this replica the last stage's step output and log records, and log them."""
+    def _hand_off(self, output: Any, records: list[LogRecord], training: bool) -> Any:
+        """Give every stage of this replica the last stage's step output and log records, and log them.
+
+        Asynchronous training steps get the last stage's payload one step late (see
+        :mod:`lightning_asyncpipe.handoff`) and return the latest output they have (a NaN loss
+        before the first one arrives); evaluation steps always exchange at once.
+        """
+        assert self._handoff is not None and self._pipeline is not None
+        sent = [LogRecord(r.name, _to_cpu(r.value), r.kwargs) for r in records if _is_plain_value(r.value)]
+        payload = (_to_cpu(output), sent)
+        if training:
+            payloads = self._handoff.exchange(self._pipeline.step - 1, payload)
+        else:
+            payloads = self._handoff.broadcast(payload)
+        self._replay_payloads(payloads, records)
+        if self._handoff.is_source:
+            return output
+        if training and self._last_output is None:
+            return {"loss": torch.tensor(float("nan"), device=self.root_device)}
+        return _to_device(self._last_output, self.root_device)
+
+    def _replay_payloads(self, payloads: list[Any], own_records: Optional[list[LogRecord]] = None) -> None:
+        assert self._handoff is not None
+        for payload_output, payload_records in payloads:
+            # the last stage replays its own records, torchmetrics objects included
+            self._replay(own_records if self._handoff.is_source and own_records is not None else payload_records)
+            self._last_output = payload_output
+
+    def _replay_pending(self) -> None:
+        """Log the payloads a drain collected (a drain may run in hooks where logging is not allowed)."""
+        payloads, self._pending_payloads = self._pending_payloads, []
+        self._replay_payloads(payloads)
+
+    def _replay(self, records: list[LogRecord]) -> None:
         module = self.lightning_module
-        assert module is not None and self._groups is not None
-        if self.topology.n_stages > 1:
-            src = self.topology.rank_of(self.topology.n_stages - 1, self.replica)
-            sent = [LogRecord(r.name, _to_cpu(r.value), r.kwargs) for r in records if _is_plain_value(r.value)]
-            payload: list[Any] = [(_to_cpu(output), sent)] if self.global_rank == src else [None]
-            dist.broadcast_object_list(payload, src=src, group=self._groups.pipeline, device=_object_device(self.root_device))
-            if self.global_rank != src:
-                output, records = payload[0]
-                output = _to_device(output, self.root_device)
+        assert module is not None
         for r in records:
-            value = _to_device(r.value, self.root_device)
-            module.log(r.name, value, **r.kwargs)
-        return output
+            module.log(r.name, _to_device(r.value, self.root_device), **r.kwargs)
 
     def _apply_update(self, batch: int, step_fn: Optional[StepFn] = None) -> None:
         """One optimizer update of this stage's live weights (called by the policy at a ``U`` action)."""
@@ -529,9 +569,9 @@ class AsyncPipeStrategy(ParallelStrategy):
         output = step.merged_outputs() if step.outputs else None
         records = self._recorder.pop()
         if not share_output:
-            self._share_from_last_stage(None, records)
+            self._hand_off(None, records, training=False)
             return output
-        return self._share_from_last_stage(output, records)
+        return self._hand_off(output, records, training=False)
 
     @override
     def on_validation_start(self) -> None:
@@ -548,6 +588,8 @@ class AsyncPipeStrategy(ParallelStrategy):
     @override
     def on_train_end(self) -> None:
         self.drain()
+        if self._sigterm_check is not None:
+            self._sigterm_check.drain()
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
