@@ -7,6 +7,7 @@ The whole model is one ``nn.Sequential`` (embedding, transformer blocks, head), 
 from __future__ import annotations
 
 import math
+import os
 import sysconfig
 from pathlib import Path
 from typing import Any, Optional
@@ -119,12 +120,16 @@ class CharGPT(L.LightningModule):
 
 
 def read_stdlib(max_bytes: int) -> Tensor:
-    """The bytes of the standard library's ``.py`` files (sorted by path), up to ``max_bytes``."""
+    """The bytes of the standard library's ``.py`` files (sorted by path, tests and installed
+    packages left out), up to ``max_bytes``."""
     root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
+    paths = []
+    for folder, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in skip]
+        paths += [Path(folder) / f for f in files if f.endswith(".py")]
     chunks, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts or "test" in path.parts:
-            continue
+    for path in sorted(paths):
         try:
             data = path.read_bytes()
         except OSError:
