@@ -77,6 +77,8 @@ def _lr_table(optimizer_factory: Callable[[Iterable[nn.Parameter]], Optimizer],
 
 
 def _sgd_spike_compensated(optimizer: Optimizer, delay: int) -> None:
+    # Deliberately written again from Kosson et al.'s rule rather than imported from the policy:
+    # the specification must not share code with what it checks.
     with torch.no_grad():
         for group in optimizer.param_groups:
             mu, lr, wd, damp = group["momentum"], group["lr"], group["weight_decay"], group["dampening"]

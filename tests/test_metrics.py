@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_asyncpipe.metrics import StageMax, StageMean, theoretical_bubble
-from lightning_asyncpipe.schedule import async_1f1b, one_f_one_b
+from lightning_asyncpipe.schedule import async_1f1b, one_f_one_b, simulate
 from tests.helpers.launch import run_script
 
 
@@ -31,6 +31,9 @@ def test_metrics_in_csv_match_theory(tmp_path, policy: str, microbatches: int, s
     result = run_script("fit_metrics.py", tmp_path, policy, microbatches, timeout=180)
     assert result.returncode == 0, result.output[-5000:]
     last = _last_values(tmp_path / "csv" / "version_0" / "metrics.csv")
+    if policy == "pipedream":  # with m = 1 a version per micro-batch in flight: the simulator's peak
+        in_flight = simulate(async_1f1b(3, 1, 12)).peak_in_flight
+        assert copies == [in_flight[s] for s in range(3)]
     for s in range(3):
         assert last[f"pipeline/stage{s}/max_staleness"] == staleness[s], (policy, s)
         assert last[f"pipeline/stage{s}/weight_copies"] == copies[s], (policy, s)
