@@ -1,0 +1,446 @@
+"""Training throughput of every contender on the same model, data and machine, in one command.
+
+    python benchmarks/throughput.py            # full run: 5 warm-up + 20 timed steps, 3 repeats
+    python benchmarks/throughput.py --quick    # a smoke run: 2 + 5 steps, 1 repeat
+    python benchmarks/throughput.py --stages 4 # contention check (4 processes)
+
+Writes ``benchmarks/results/throughput.json`` and ``benchmarks/results/throughput.md``.
+
+Contenders (one process per stage, ``torch.set_num_threads(1)`` and ``OMP_NUM_THREADS=1`` in each):
+
+- ``single/1thread``: a plain PyTorch loop over the full model, one process, one thread.
+- ``single/all-threads``: the same with ``torch.set_num_threads(os.cpu_count())``.
+- ``torch.pp/GPipe``, ``torch.pp/1F1B``: ``torch.distributed.pipelining`` with a manual split (the
+  same layers per stage as this project's uniform split), ``optimizer.step()`` after each
+  ``schedule.step``.
+- ``engine/<policy>``: this project's raw :class:`~lightning_asyncpipe.engine.PipelineEngine`.
+- ``lightning/<policy>``: Lightning's Trainer with :class:`~lightning_asyncpipe.AsyncPipeStrategy`
+  (popen launcher: ``python benchmarks/throughput.py --lightning-worker POLICY ...`` re-runs itself).
+
+Timing: every repeat builds a fresh model (same seed), runs ``warmup`` steps, then a barrier over
+all ranks, ``t0``, ``steps`` steps (the engine drains at the end so in-flight work is counted), a
+barrier, ``t1``; throughput is ``steps * batch / (t1 - t0)`` with the largest ``t1 - t0`` over the
+ranks. The median over repeats is reported. Peak RSS is ``ru_maxrss`` at the end of each process
+(the largest process is reported); stashed bytes are the policy's ``peak_stashed_bytes`` (largest
+stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+POLICIES = ["gpipe", "pipedream_flush", "pipedream", "pipedream_2bw", "pipemare"]
+WIDTH, LAYERS, BATCH, MICROBATCHES, LR, MOMENTUM = 1024, 8, 256, 8, 1e-3, 0.9
+LAUNCH_TIMEOUT_S = 600
+
+
+# ---------------------------------------------------------------------------- model and data
+
+
+def build_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(LAYERS):
+        layers.append(nn.Linear(WIDTH, WIDTH))
+        if i < LAYERS - 1:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def make_optimizer(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
+
+
+def make_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, WIDTH, generator=g), torch.randn(BATCH, WIDTH, generator=g)) for _ in range(n)]
+
+
+def uniform_counts(n_layers: int, n_stages: int) -> list[int]:
+    """Layers per stage: the same split as lightning_asyncpipe's ``balance="uniform"``."""
+    return [n_layers // n_stages + (1 if s < n_layers % n_stages else 0) for s in range(n_stages)]
+
+
+def peak_rss_kib() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_rank_result(prefix: str, rank: int, result: dict[str, Any]) -> None:
+    result["rss_kib"] = peak_rss_kib()
+    result["rank"] = rank
+    with open(f"{prefix}.rank{rank}.json", "w") as f:
+        json.dump(result, f)
+
+
+# ---------------------------------------------------------------------------- spawned workers
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _timed(step: Any, batches: list, warmup: int, steps: int, finish: Any = None) -> float:
+    for i in range(warmup):
+        step(*batches[i])
+    _barrier()
+    t0 = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        step(*batches[i])
+    if finish is not None:
+        finish()
+    _barrier()
+    return time.perf_counter() - t0
+
+
+def run_single(cfg: dict[str, Any]) -> dict[str, Any]:
+    batches = make_batches(cfg["warmup"] + cfg["steps"])
+    times = []
+    for _ in range(cfg["repeats"]):
+        model = build_model()
+        opt = make_optimizer(model.parameters())
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> None:
+            opt.zero_grad(set_to_none=True)
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+
+        times.append(_timed(step, batches, cfg["warmup"], cfg["steps"]))
+    return {"times": times}
+
+
+def run_torch_pp(rank: int, n_stages: int, cfg: dict[str, Any], schedule_name: str) -> dict[str, Any]:
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    schedule_cls = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B}[schedule_name]
+    batches = make_batches(cfg["warmup"] + cfg["steps"])
+    times = []
+    for _ in range(cfg["repeats"]):
+        full = build_model()
+        counts = uniform_counts(len(full), n_stages)
+        start = sum(counts[:rank])
+        sub = nn.Sequential(*list(full)[start:start + counts[rank]])
+        del full
+        stage = PipelineStage(sub, rank, n_stages, torch.device("cpu"))
+        schedule = schedule_cls(stage, n_microbatches=MICROBATCHES, loss_fn=F.mse_loss)
+        opt = make_optimizer(sub.parameters())
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> None:
+            opt.zero_grad(set_to_none=True)
+            if rank == 0:
+                schedule.step(x)
+            elif rank == n_stages - 1:
+                schedule.step(target=y, losses=[])
+            else:
+                schedule.step()
+            opt.step()
+
+        times.append(_timed(step, batches, cfg["warmup"], cfg["steps"]))
+    return {"times": times}
+
+
+def run_engine(rank: int, n_stages: int, cfg: dict[str, Any], policy: str) -> dict[str, Any]:
+    from lightning_asyncpipe.comm import PipelineGroups
+    from lightning_asyncpipe.engine import PipelineEngine
+    from lightning_asyncpipe.topology import Topology
+
+    groups = PipelineGroups(Topology(n_stages, n_stages), rank)
+    batches = make_batches(cfg["warmup"] + cfg["steps"])
+    times, stashed = [], 0
+    for _ in range(cfg["repeats"]):
+        engine = PipelineEngine(build_model(), n_stages, policy, MICROBATCHES, make_optimizer, F.mse_loss,
+                                groups=groups)  # fmt: skip
+        times.append(_timed(engine.train_step, batches, cfg["warmup"], cfg["steps"], finish=engine.drain))
+        stashed = max(stashed, int(engine.policy.report().peak_stashed_bytes))
+    return {"times": times, "stage": engine.stage, "peak_stashed_bytes": stashed}
+
+
+def spawn_worker(rank: int, kind: str, arg: str, world: int, port: int, cfg: dict[str, Any], prefix: str) -> None:
+    if kind == "single":
+        torch.set_num_threads(int(arg))
+        write_rank_result(prefix, rank, {**run_single(cfg), "threads": torch.get_num_threads()})
+        return
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        if kind == "torch_pp":
+            result = run_torch_pp(rank, world, cfg, arg)
+        else:
+            result = run_engine(rank, world, cfg, arg)
+        write_rank_result(prefix, rank, result)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------- Lightning worker
+
+
+def lightning_worker(argv: list[str]) -> None:
+    """Entry point of ``--lightning-worker``: run by us for rank 0 and by Lightning for the others."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--lightning-worker", required=True)
+    p.add_argument("--stages", type=int, required=True)
+    p.add_argument("--warmup", type=int, required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--repeats", type=int, required=True)
+    p.add_argument("--prefix", required=True)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+
+    import lightning as L
+    from torch.utils.data import DataLoader, Dataset
+
+    from lightning_asyncpipe import AsyncPipeStrategy
+
+    class BenchModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = build_model()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.mse_loss(self(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return make_optimizer(self.parameters())
+
+    class Batches(Dataset):  # pre-generated whole batches: no per-sample collation in the timed loop
+        def __init__(self, batches: list) -> None:
+            self.batches = batches
+
+        def __len__(self) -> int:
+            return len(self.batches)
+
+        def __getitem__(self, i: int) -> Any:
+            return self.batches[i]
+
+    class Timer(L.Callback):
+        def __init__(self) -> None:
+            self.t0 = self.elapsed = None
+
+        def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
+            if batch_idx == a.warmup:
+                _barrier()
+                self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            # the last step ends the fit: the strategy has drained the pipeline inside training_step
+            if batch_idx == a.warmup + a.steps - 1:
+                _barrier()
+                self.elapsed = time.perf_counter() - self.t0
+
+    batches = make_batches(a.warmup + a.steps)
+    times, stashed, rank, stage = [], 0, 0, None
+    for _ in range(a.repeats):
+        timer = Timer()
+        strategy = AsyncPipeStrategy(policy=a.lightning_worker, microbatches=MICROBATCHES, pipeline_metrics=False)
+        trainer = L.Trainer(accelerator="cpu", devices=a.stages, strategy=strategy, max_steps=a.warmup + a.steps,
+                            max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                            callbacks=[timer])  # fmt: skip
+        trainer.fit(BenchModule(), DataLoader(Batches(batches), batch_size=None, shuffle=False))
+        times.append(timer.elapsed)
+        stashed = max(stashed, int(strategy._policy.report().peak_stashed_bytes))
+        rank, stage = trainer.global_rank, strategy.stage
+    write_rank_result(a.prefix, rank, {"times": times, "stage": stage, "peak_stashed_bytes": stashed})
+    _barrier()
+
+
+# ---------------------------------------------------------------------------- launching
+
+
+def collect(prefix: str, world: int) -> dict[str, Any]:
+    parts = []
+    for r in range(world):
+        with open(f"{prefix}.rank{r}.json") as f:
+            parts.append(json.load(f))
+        os.remove(f"{prefix}.rank{r}.json")
+    repeats = len(parts[0]["times"])
+    elapsed = [max(p["times"][i] for p in parts) for i in range(repeats)]
+    return {
+        "elapsed_s": elapsed,
+        "rss_mib": [round(p["rss_kib"] / 1024, 1) for p in parts],
+        "peak_stashed_bytes": [p.get("peak_stashed_bytes") for p in parts],
+    }
+
+
+def launch_spawn(kind: str, arg: str, world: int, cfg: dict[str, Any], prefix: str) -> dict[str, Any]:
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(spawn_worker, args=(kind, arg, world, free_port(), cfg, prefix), nprocs=world,
+                             start_method="spawn", join=False)  # fmt: skip
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+            raise TimeoutError(f"{kind} {arg} did not finish in {LAUNCH_TIMEOUT_S} s")
+    return collect(prefix, world)
+
+
+def launch_lightning(policy: str, world: int, cfg: dict[str, Any], prefix: str) -> dict[str, Any]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--lightning-worker", policy, "--stages", str(world),
+           "--warmup", str(cfg["warmup"]), "--steps", str(cfg["steps"]), "--repeats", str(cfg["repeats"]),
+           "--prefix", prefix]  # fmt: skip
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    for name in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK"):
+        env.pop(name, None)
+    log_path = prefix + ".log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=LAUNCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            raise TimeoutError(f"lightning {policy} did not finish in {LAUNCH_TIMEOUT_S} s")
+    if rc != 0:
+        with open(log_path) as f:
+            raise RuntimeError(f"lightning worker exited with {rc}:\n{f.read()[-3000:]}")
+    # the other ranks are Lightning's children; rank 0 left after a barrier, so their files exist
+    result = collect(prefix, world)
+    os.remove(log_path)
+    return result
+
+
+def contenders(stages: int) -> list[dict[str, Any]]:
+    threads = os.cpu_count() or 1
+    out = [
+        {"name": "single/1thread", "group": "a", "launch": ("spawn", "single", "1", 1), "procs": "1 x 1 thread"},
+        {"name": f"single/{threads}threads", "group": "b", "launch": ("spawn", "single", str(threads), 1),
+         "procs": f"1 x {threads} threads"},
+    ]
+    for sched in ("GPipe", "1F1B"):
+        out.append({"name": f"torch.pp/{sched}", "group": "c", "launch": ("spawn", "torch_pp", sched, stages),
+                    "procs": f"{stages} x 1 thread"})
+    for policy in POLICIES:
+        out.append({"name": f"engine/{policy}", "group": "d-raw", "launch": ("spawn", "engine", policy, stages),
+                    "procs": f"{stages} x 1 thread"})
+    for policy in POLICIES:
+        out.append({"name": f"lightning/{policy}", "group": "d-lightning", "launch": ("lightning", "", policy, stages),
+                    "procs": f"{stages} x 1 thread"})
+    return out
+
+
+def fmt(x: Optional[float], spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(results: list[dict[str, Any]], cfg: dict[str, Any], meta: dict[str, Any]) -> str:
+    lines = [
+        f"Model: MLP, {LAYERS} x Linear({WIDTH}, {WIDTH}) with ReLU, MSE, SGD lr {LR} momentum {MOMENTUM}; batch {BATCH}, "
+        f"{MICROBATCHES} micro-batches, {cfg['stages']} stages. {cfg['warmup']} warm-up + {cfg['steps']} timed steps, "
+        f"median of {cfg['repeats']} repeat(s). {meta['cpus']} CPUs, torch {meta['torch']}, gloo.",
+        "",
+        "| contender | group | processes | samples/s (median) | min-max | vs (a) | vs best (c) | peak RSS MiB (max process) | stashed weights MiB (max stage) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if r.get("error"):
+            lines.append(f"| {r['name']} | {r['group']} | {r['procs']} | failed | | | | | |")
+            continue
+        stashed = r.get("stashed_mib")
+        lines.append(
+            f"| {r['name']} | {r['group']} | {r['procs']} | {r['samples_per_s']:.1f} | "
+            f"{min(r['samples_per_s_runs']):.1f}-{max(r['samples_per_s_runs']):.1f} | {fmt(r.get('vs_a'), '.2f')}x | "
+            f"{fmt(r.get('vs_best_c'), '.2f')}x | {max(r['rss_mib']):.0f} | {fmt(stashed, '.1f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2 warm-up + 5 timed steps, 1 repeat")
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--only", default=None, help="comma-separated substrings of contender names to run")
+    p.add_argument("--out", default=RESULTS, help="output directory")
+    a = p.parse_args()
+    cfg = {
+        "stages": a.stages,
+        "warmup": a.warmup if a.warmup is not None else (2 if a.quick else 5),
+        "steps": a.steps if a.steps is not None else (5 if a.quick else 20),
+        "repeats": a.repeats if a.repeats is not None else (1 if a.quick else 3),
+    }
+    meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "backend": "gloo"}  # fmt: skip
+    os.makedirs(a.out, exist_ok=True)
+    selected = contenders(a.stages)
+    if a.only:
+        keys = a.only.split(",")
+        selected = [c for c in selected if any(k in c["name"] for k in keys)]
+    results = []
+    started = time.perf_counter()
+    for c in selected:
+        how, kind, arg, world = c["launch"]
+        prefix = os.path.join(a.out, f".tmp_{c['name'].replace('/', '_')}")
+        t = time.perf_counter()
+        row: dict[str, Any] = {"name": c["name"], "group": c["group"], "procs": c["procs"]}
+        try:
+            r = launch_spawn(kind, arg, world, cfg, prefix) if how == "spawn" else launch_lightning(arg, world, cfg, prefix)
+            runs = [cfg["steps"] * BATCH / e for e in r["elapsed_s"]]
+            row.update(r, samples_per_s_runs=runs, samples_per_s=statistics.median(runs),
+                       step_ms=1000 * statistics.median(r["elapsed_s"]) / cfg["steps"])  # fmt: skip
+            stashed = [b for b in r["peak_stashed_bytes"] if b is not None]
+            row["stashed_mib"] = max(stashed) / 2**20 if stashed else None
+        except Exception as err:  # keep going: one failing contender must not hide the others
+            row["error"] = f"{type(err).__name__}: {err}"
+        row["wall_s"] = time.perf_counter() - t
+        results.append(row)
+        status = f"{row['samples_per_s']:.1f} samples/s" if "samples_per_s" in row else row["error"][:2000]
+        print(f"{c['name']:28s} {status}  ({row['wall_s']:.0f} s)", flush=True)
+    base = next((r["samples_per_s"] for r in results if r["group"] == "a" and "samples_per_s" in r), None)
+    best_c = max((r["samples_per_s"] for r in results if r["group"] == "c" and "samples_per_s" in r), default=None)
+    for r in results:
+        if "samples_per_s" in r:
+            r["vs_a"] = r["samples_per_s"] / base if base else None
+            r["vs_best_c"] = r["samples_per_s"] / best_c if best_c else None
+    total = time.perf_counter() - started
+    with open(os.path.join(a.out, "throughput.json"), "w") as f:
+        json.dump({"config": cfg, "meta": meta, "model": {"width": WIDTH, "linear_layers": LAYERS, "batch": BATCH,
+                   "microbatches": MICROBATCHES, "lr": LR, "momentum": MOMENTUM}, "total_s": total,
+                   "results": results}, f, indent=1)  # fmt: skip
+    table = markdown(results, cfg, meta)
+    with open(os.path.join(a.out, "throughput.md"), "w") as f:
+        f.write(table)
+    print(table)
+    print(f"total {total:.0f} s; wrote {a.out}/throughput.json and throughput.md")
+
+
+if __name__ == "__main__":
+    if "--lightning-worker" in sys.argv:
+        lightning_worker(sys.argv[1:])
+    else:
+        main()
