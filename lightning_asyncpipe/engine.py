@@ -125,6 +125,7 @@ class PipelineEngine:
         )
         self.executor = PipelineExecutor(self.partition.local, self.stage, n_stages, transport, self.policy, self._apply)
         self.pipeline = StagePipeline(self.executor, microbatches, self.optimizer)
+        self.last_timings: list[Any] = []
 
     @property
     def is_last(self) -> bool:
@@ -164,6 +165,7 @@ class PipelineEngine:
         self.pipeline.train_step(batch)
         if drain:
             self.pipeline.drain()
+        self.last_timings = self.executor.pop_timings()  # bounded: only the last step's
         if self.scheduler is not None:
             self.scheduler.step()
         return sum(batch.losses) if self.is_last else None

@@ -444,7 +444,8 @@ class AsyncPipeStrategy(ParallelStrategy):
         if trainer is None:
             return True
         loop = trainer.fit_loop
-        last_batch = loop.epoch_loop.batch_progress.is_last_batch
+        # the data ran out, or limit_train_batches was reached
+        last_batch = loop.epoch_loop.batch_progress.is_last_batch or loop.epoch_loop._num_ready_batches_reached()
         max_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
         final_step = max_steps is not None and trainer.global_step + 1 >= max_steps
         return bool(last_batch or final_step)
