@@ -185,8 +185,9 @@ def validate(schedule: Schedule, n_microbatches: int) -> None:
 
     Rules: every action sits in its own stage's list; every stage runs the same micro-batches;
     each ``(stage, kind, index)`` happens once; a backward follows its forward on the same stage;
-    ``U(k)`` follows every backward of batch ``k`` and happens once per batch; and the stages can
-    run their lists concurrently to the end (checked by :func:`simulate`).
+    ``U(k)`` follows every backward of batch ``k`` and happens once per batch; every stage forwards
+    and backwards in one common order (transfers are first-in first-out); and the stages can run
+    their lists concurrently to the end (checked by :func:`simulate`).
 
     Raises:
         ScheduleError: naming the first broken rule, with the offending stage's actions.
@@ -224,6 +225,18 @@ def validate(schedule: Schedule, n_microbatches: int) -> None:
             reference = forwards
         elif forwards != reference:
             raise ScheduleError(f"Stage {s} runs micro-batches {sorted(forwards)}, stage 0 runs {sorted(reference)}.")
+    # Tensors between neighbours travel on FIFO channels: a stage must receive in the order its
+    # neighbour sends, i.e. every stage forwards in one order and backwards in that same order.
+    order = [a.index for a in schedule[0] if a.kind is ActionKind.FORWARD]
+    for s, actions in schedule.items():
+        forwards_in_order = [a.index for a in actions if a.kind is ActionKind.FORWARD]
+        backwards_in_order = [a.index for a in actions if a.kind is ActionKind.BACKWARD]
+        if forwards_in_order != order or backwards_in_order != order:
+            raise ScheduleError(
+                f"Stage {s} forwards in order {forwards_in_order} and backwards in order {backwards_in_order}; "
+                f"transfers are first-in first-out, so every stage must forward and backward in stage 0's "
+                f"forward order {order}: {_row(actions)}"
+            )
     simulate(schedule)
 
 

@@ -322,3 +322,15 @@ def test_async_gradient_delay_in_steps():
     assert async_1f1b_drain(4, 1, 3, 5) == []
     # after a refill at step 5, no backward of an older micro-batch exists
     assert [str(a) for a in async_1f1b_step(4, 1, 0, 5, fill_step=5)] == ["0F5"]
+
+
+def test_validate_rejects_backwards_out_of_forward_order() -> None:
+    """Gradients travel first-in first-out: a stage that backwards out of its forward order would
+    pair each gradient with the wrong micro-batch, so the validator refuses it (it cannot deadlock,
+    which is why the simulator alone does not catch it)."""
+    from lightning_asyncpipe.schedule import from_text
+
+    swapped = from_text("0: 0F0 0F1 0B1 0B0 0U0\n1: 1F0 1F1 1B1 1B0 1U0")
+    simulate(swapped)  # runs to the end...
+    with pytest.raises(ScheduleError, match="first-in first-out"):
+        validate(swapped, 2)  # ...but is rejected
