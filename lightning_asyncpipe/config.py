@@ -30,6 +30,7 @@ class StrategyConfig:
     policy_options: dict[str, Any] = field(default_factory=dict)
     start_method: str = "popen"
     pipeline_metrics: bool = True
+    detect_anomaly: bool = False  # NaN/Inf in stage outputs or the loss -> error naming stage and micro-batch
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["AsyncPipeError", "BalanceError", "ScheduleError", "PipelineConfigError", "StageFailure", "ShapeError"]
+__all__ = [
+    "AsyncPipeError", "BalanceError", "ScheduleError", "PipelineConfigError", "StageFailure", "ShapeError",
+    "NonFiniteError",
+]  # fmt: skip
 
 
 class AsyncPipeError(RuntimeError):
@@ -27,3 +30,7 @@ class ShapeError(AsyncPipeError):
 
 class StageFailure(AsyncPipeError):
     """Another stage of the pipeline failed; this process stops instead of waiting forever."""
+
+
+class NonFiniteError(AsyncPipeError):
+    """NaN or Inf in a stage's output or in the loss (raised when anomaly detection is on)."""

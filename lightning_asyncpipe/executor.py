@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_asyncpipe.comm import PendingRecv, TensorMeta, Transport
-from lightning_asyncpipe.errors import AsyncPipeError, PipelineConfigError
+from lightning_asyncpipe.errors import AsyncPipeError, NonFiniteError, PipelineConfigError
 from lightning_asyncpipe.partition import computing
 from lightning_asyncpipe.policies.base import ApplyUpdate, WeightPolicy
 from lightning_asyncpipe.schedule import Action, ActionKind
@@ -111,6 +111,7 @@ class PipelineExecutor:
         self._grad_recv: dict[int, PendingRecv] = {}
         self.timings: list[ActionTiming] = []
         self.record_timings = True
+        self.check_finite = False
         self.activation_bytes = 0
         self.peak_activation_bytes = 0
 
@@ -141,8 +142,12 @@ class PipelineExecutor:
         inputs = hooks.stage_inputs(j) if self.is_first else self._act_recv.pop(j).wait()
         with computing(self.module):
             outputs = self.policy.forward(self.module, inputs, j, train)
+        if self.check_finite:
+            self._check_finite(as_tensors(outputs, self.stage), j, "output")
         if self.is_last:
             loss = hooks.stage_outputs(j, outputs)
+            if self.check_finite and isinstance(loss, Tensor):
+                self._check_finite((loss,), j, "loss")
             if train:
                 if loss is None or not isinstance(loss, Tensor) or not loss.requires_grad:
                     raise PipelineConfigError(
@@ -187,6 +192,17 @@ class PipelineExecutor:
             self.transport.send_grad(
                 [x.grad if x.grad is not None else torch.zeros_like(x) for x in inputs if x.requires_grad]
             )
+
+    def _check_finite(self, tensors: Sequence[Tensor], j: int, what: str) -> None:
+        for i, t in enumerate(tensors):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+                where = f"tensor {i} of the " if len(tensors) > 1 else ""
+                raise NonFiniteError(
+                    f"{bad} in {where}{what} of stage {self.stage} for micro-batch {j} (micro-batches are numbered "
+                    "from the start of fit). Lower the learning rate, clip gradients, or check the data; this check "
+                    "runs because anomaly detection is on."
+                )
 
     def _keep(self, j: int, state: tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[bool, ...]]) -> None:
         self._in_flight[j] = state

@@ -89,6 +89,8 @@ class AsyncPipeStrategy(ParallelStrategy):
         process_group_backend: ``"gloo"``, ``"nccl"``; default from the device.
         timeout: timeout of the process groups and of every wait for a neighbour's tensors.
         start_method: ``"popen"`` (re-run the script, as DDP) or a multiprocessing start method.
+        detect_anomaly: raise :class:`~lightning_asyncpipe.errors.NonFiniteError`, naming the stage
+            and micro-batch, when a stage output or the loss holds NaN or Inf.
         pipeline_metrics: log ``pipeline/stage{s}/...`` metrics (bubble, staleness, stashed
             weights, activations, transfer wait) and throughput every ``log_every_n_steps`` steps.
 
@@ -122,6 +124,7 @@ class AsyncPipeStrategy(ParallelStrategy):
         timeout: Optional[timedelta] = default_pg_timeout,
         start_method: StartMethod = "popen",
         pipeline_metrics: bool = True,
+        detect_anomaly: bool = False,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -157,6 +160,7 @@ class AsyncPipeStrategy(ParallelStrategy):
         self._recorder = LogRecorder()
         self._pipeline: Optional[StagePipeline] = None
         self.pipeline_metrics = pipeline_metrics
+        self.detect_anomaly = detect_anomaly
         self._metrics: Optional[PipelineMetrics] = None
         self._last_step_start: Optional[float] = None
         self.timeline: Optional[TimelineRecorder] = None
@@ -331,6 +335,7 @@ class AsyncPipeStrategy(ParallelStrategy):
         self._executor = PipelineExecutor(
             self._partition.local, stage, topo.n_stages, transport, self._policy, self._apply_update
         )
+        self._executor.check_finite = self.detect_anomaly
         self._pipeline = StagePipeline(self._executor, self.microbatches, self.optimizers[0] if self.optimizers else None)
         self._drain_before_validation_zero_grad(module)
         self._metrics = PipelineMetrics(topo.n_stages, stage, self._groups.pipeline) if self.pipeline_metrics else None

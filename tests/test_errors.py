@@ -134,3 +134,14 @@ def test_stage_failure_ends_every_process(where: str) -> None:
     assert f"RuntimeError: boom from the {where} stage" in result.output
     assert result.elapsed < 60, f"took {result.elapsed:.0f} s"
     assert not leftover_processes(token)
+
+
+@pytest.mark.multiprocess
+def test_nan_in_activations_is_named_when_detection_is_on() -> None:
+    token = uuid.uuid4().hex
+    result = run_script("fit_faulty.py", "nan-first", token, timeout=90)
+    assert result.returncode != 0
+    # the 5th training forward on stage 0 is micro-batch 4 (2 micro-batches per step, no validation)
+    assert "NonFiniteError: NaN in output of stage 0 for micro-batch 4" in result.output
+    assert result.elapsed < 60
+    assert not leftover_processes(token)

@@ -2,7 +2,8 @@
 
 Usage: python fit_faulty.py MODE TOKEN
   MODE: raise-first | raise-last (a layer raises at the 5th training forward, on stage 0 or on the
-        last stage), two-optimizers (configure_optimizers returns two)
+        last stage), two-optimizers (configure_optimizers returns two), nan-first (stage 0's output
+        turns NaN at the 5th training forward, with anomaly detection on)
   TOKEN: an arbitrary marker, so the test can look for processes left behind
 """
 
@@ -32,6 +33,21 @@ class Bomb(nn.Module):
         return x
 
 
+class Poison(nn.Module):
+    """Turns its input into NaN at the 5th training forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if self.calls == 5:
+                return x * float("nan")
+        return x
+
+
 class TwoOptimizers(SeqRegressor):
     def configure_optimizers(self):  # type: ignore[override]
         return [torch.optim.SGD(self.parameters(), lr=0.1), torch.optim.SGD(self.parameters(), lr=0.1)]
@@ -46,8 +62,11 @@ def main() -> None:
         model.net.insert(0, Bomb("first"))
     if mode == "raise-last":
         model.net.append(Bomb("last"))
+    if mode == "nan-first":
+        model.net.insert(1, Poison())
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy=AsyncPipeStrategy(microbatches=2), max_steps=20, logger=False,
+        accelerator="cpu", devices=2, max_steps=20, logger=False,
+        strategy=AsyncPipeStrategy(policy="pipedream", microbatches=2, detect_anomaly=mode == "nan-first"),
         enable_progress_bar=False, enable_checkpointing=False,
     )  # fmt: skip
     trainer.fit(model, loader(regression_data(), 8))
