@@ -352,6 +352,7 @@ class PipelineGroups:
 
     def __init__(self, topo: Topology, rank: int) -> None:
         stage, replica = topo.stage_of(rank), topo.replica_of(rank)
+        self.topology, self.rank, self.replica = topo, rank, replica
         self.pipeline: Any = None
         self.stage: Any = None
         self.p2p: dict[str, Any] = {}
@@ -372,3 +373,30 @@ class PipelineGroups:
                     self.p2p.update(act_out=forward, grad_in=backward)
                 if r == replica and s + 1 == stage:
                     self.p2p.update(act_in=forward, grad_out=backward)
+
+    def _by_stage(self, parts: list[Any]) -> list[Any]:
+        """Order per-group-rank results of this replica's pipeline group by stage."""
+        ranks = sorted(self.topology.pipeline_ranks(self.replica))
+        return [part for _, part in sorted(zip(ranks, parts), key=lambda rp: self.topology.stage_of(rp[0]))]
+
+    def gather_to_zero(self, local: Any) -> Optional[list[Any]]:
+        """One object per stage of replica 0, by stage, on global rank 0 (``None`` elsewhere).
+
+        Every rank calls it; ranks of other replicas return ``None`` at once (their stages hold
+        the same weights as replica 0's).
+        """
+        if self.replica != 0:
+            return None
+        if self.topology.n_stages == 1:
+            return [local]
+        parts: Optional[list[Any]] = [None] * self.topology.n_stages if self.rank == 0 else None
+        dist.gather_object(local, parts, dst=0, group=self.pipeline)
+        return None if parts is None else self._by_stage(parts)
+
+    def all_gather(self, local: Any) -> list[Any]:
+        """One object per stage of this replica, by stage, on every rank of the replica."""
+        if self.topology.n_stages == 1:
+            return [local]
+        parts: list[Any] = [None] * self.topology.n_stages
+        dist.all_gather_object(parts, local, group=self.pipeline)
+        return self._by_stage(parts)

@@ -441,7 +441,7 @@ class AsyncPipeStrategy(ParallelStrategy):
     def gather_timeline(self) -> list[TimelineEvent]:
         """Every stage's recorded timeline events of this replica (collective over the pipeline)."""
         local = self.timeline.events if self.timeline is not None else []
-        return merge_timeline(self._all_gather_pipeline(local))
+        return merge_timeline(self._gather_stages(local))
 
     def _drain_due(self) -> bool:
         """Whether this step ends an epoch or the fit: the pipeline must be empty afterwards."""
@@ -639,42 +639,25 @@ class AsyncPipeStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _by_stage(self, parts: list[Any]) -> list[Any]:
-        """Order per-group-rank results of this replica's pipeline group by stage."""
-        ranks = sorted(self.topology.pipeline_ranks(self.replica))
-        return [part for _, part in sorted(zip(ranks, parts), key=lambda rp: self.topology.stage_of(rp[0]))]
-
-    def _gather_to_zero(self, local: Any) -> Optional[list[Any]]:
-        """Gather one object per stage of replica 0 onto global rank 0, by stage (``None`` elsewhere)."""
-        if self.replica != 0:
-            return None
-        if self.topology.n_stages == 1:
-            return [local]
+    def _gather_stages_to_zero(self, local: Any) -> Optional[list[Any]]:
         assert self._groups is not None
-        parts: Optional[list[Any]] = [None] * self.topology.n_stages if self.global_rank == 0 else None
-        dist.gather_object(_to_cpu(local), parts, dst=0, group=self._groups.pipeline)
-        return None if parts is None else self._by_stage(parts)
+        return self._groups.gather_to_zero(_to_cpu(local))
 
-    def _all_gather_pipeline(self, local: Any) -> list[Any]:
-        """One object per stage of this replica, by stage, on every rank of the replica."""
-        if self.topology.n_stages == 1:
-            return [local]
+    def _gather_stages(self, local: Any) -> list[Any]:
         assert self._groups is not None
-        parts: list[Any] = [None] * self.topology.n_stages
-        dist.all_gather_object(parts, _to_cpu(local), group=self._groups.pipeline)
-        return self._by_stage(parts)
+        return self._groups.all_gather(_to_cpu(local))
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         assert self.lightning_module is not None
         self.drain()  # a checkpoint holds no half-applied batch
-        parts = self._gather_to_zero(self.lightning_module.state_dict())
+        parts = self._gather_stages_to_zero(self.lightning_module.state_dict())
         return {} if parts is None else {k: v for part in parts for k, v in part.items()}
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         assert self.lightning_module is not None and self._partition is not None
-        parts = self._gather_to_zero(optimizer_state_by_name(optimizer, self.lightning_module))
+        parts = self._gather_stages_to_zero(optimizer_state_by_name(optimizer, self.lightning_module))
         if parts is None:
             return {}
         prefix = self._partition.attr + "."
@@ -702,7 +685,7 @@ class AsyncPipeStrategy(ParallelStrategy):
             if not self._failed and _distributed_is_initialized():
                 if self._executor is not None:
                     self._executor.transport.wait_sends()
-                parts = self._all_gather_pipeline(module.state_dict())
+                parts = self._gather_stages(module.state_dict())
                 restore_module(module, self._partition, {k: v for part in parts for k, v in part.items()})
             self._partition = None
         self._executor = None
