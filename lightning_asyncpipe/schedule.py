@@ -23,7 +23,7 @@ forward and backward, read with :func:`format_table`)::
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Optional
@@ -374,8 +374,3 @@ def annotate(schedule: Schedule, versions: Mapping[tuple[int, ActionKind, int], 
         s: [replace(a, weight_version=versions.get((s, a.kind, a.index), a.weight_version)) for a in actions]
         for s, actions in schedule.items()
     }
-
-
-def iter_actions(schedule: Schedule) -> Iterable[Action]:
-    for s in sorted(schedule):
-        yield from schedule[s]
