@@ -4,6 +4,10 @@ Weights: every stage's ``state_dict`` uses the full model's key names (see
 :mod:`lightning_asyncpipe.partition`), so the consolidated ``state_dict`` is the union of the
 stages' dicts and loads into the plain module with ``Model.load_from_checkpoint(path)``.
 
+Pipeline state (under ``checkpoint["asyncpipe"]``): the step counter and the weight-version
+policy's state after the drain every checkpoint starts with (weight versions still needed,
+velocity buffers, update counters), tensors keyed by parameter name like the optimizer state.
+
 Optimizer state: stored in the standard ``torch.optim`` layout with parameter indices numbered
 in the *full* model's ``named_parameters()`` order (what ``configure_optimizers`` of a single-device
 run produces), plus the parameter names of each group (``param_names``), which is what a pipeline
@@ -18,9 +22,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_asyncpipe.errors import PipelineConfigError
+from lightning_asyncpipe.errors import AsyncPipeError, PipelineConfigError
 
-__all__ = ["optimizer_state_by_name", "merge_optimizer_states", "load_optimizer_state_by_name"]
+__all__ = [
+    "optimizer_state_by_name", "merge_optimizer_states", "load_optimizer_state_by_name", "merge_pipeline_states",
+    "PIPELINE_STATE_KEY",
+]  # fmt: skip
+
+PIPELINE_STATE_KEY = "asyncpipe"
+"""Where a checkpoint keeps the drained pipeline's state (step counter, policy state)."""
 
 
 def _names(module: nn.Module) -> dict[int, str]:
@@ -89,3 +99,20 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, module: nn.Mo
                 local_state[k] = by_name[n]
             k += 1
     optimizer.load_state_dict({"state": local_state, "param_groups": local_groups})
+
+
+def merge_pipeline_states(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Merge the stages' :meth:`~lightning_asyncpipe.pipeline.StagePipeline.state_dict` into one.
+
+    Raises:
+        AsyncPipeError: if the stages disagree on the policy, the step or the update count (they
+            cannot after a drain: every stage applies one update per batch).
+    """
+    for key in ("policy", "step", "updates"):
+        if len({p[key] for p in parts}) != 1:
+            raise AsyncPipeError(f"Pipeline stages disagree on {key!r}: {[p[key] for p in parts]}")
+    tensors: dict[str, dict[str, Tensor]] = {}
+    for part in parts:
+        for buffer, by_name in part["tensors"].items():
+            tensors.setdefault(buffer, {}).update(by_name)
+    return {**parts[0], "tensors": tensors}

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_asyncpipe.errors import ShapeError
+from lightning_asyncpipe.errors import ShapeError, StageFailure
 from lightning_asyncpipe.topology import Topology
 
 __all__ = [
@@ -172,8 +172,10 @@ class _P2PRecv:
 class _Channel:
     """One direction of traffic with one peer: its group, tag counter and shape cache."""
 
-    def __init__(self, peer: int, group: Any, device: torch.device, timeout: Optional[timedelta], clock: "_Clock") -> None:
+    def __init__(self, peer: int, group: Any, device: torch.device, timeout: Optional[timedelta], clock: "_Clock",
+                 describe: Callable[[int], str]) -> None:  # fmt: skip
         self.peer, self.group, self.device, self.timeout, self.clock = peer, group, device, timeout, clock
+        self.describe = describe
         self.cache: dict[Hashable, tuple[TensorMeta, ...]] = {}
         self.lazy: deque[_P2PRecv] = deque()
         self._tag = 0
@@ -184,11 +186,22 @@ class _Channel:
 
     def wait(self, work: Any) -> None:
         start = time.perf_counter()
-        if self.timeout is None:
-            work.wait()
-        else:
-            work.wait(self.timeout)
+        try:
+            if self.timeout is None:
+                work.wait()
+            else:
+                work.wait(self.timeout)
+        except RuntimeError as err:
+            raise lost_peer(self.describe(self.peer), err) from err
         self.clock.waited += time.perf_counter() - start
+
+
+def lost_peer(peer: str, err: BaseException) -> StageFailure:
+    """The error of a stage whose transfer with ``peer`` failed (peer gone, or stuck past the timeout)."""
+    return StageFailure(
+        f"The transfer with {peer} failed: that process ended (failed or was killed: see its output) or did not "
+        f"answer within the timeout. Stopping this stage. Cause: {err}"
+    )
 
 
 class _Clock:
@@ -205,6 +218,7 @@ class TorchP2PTransport:
             ``"grad_out"`` (``None`` entries use the default group).
         device: where received tensors are allocated.
         timeout: how long one receive may wait before raising (``None``: the process group's).
+        describe: names a peer rank in errors (default ``"rank R"``).
     """
 
     def __init__(
@@ -214,15 +228,17 @@ class TorchP2PTransport:
         groups: dict[str, Any],
         device: torch.device,
         timeout: Optional[timedelta] = None,
+        describe: Callable[[int], str] = lambda rank: f"rank {rank}",
     ) -> None:
         self._clock = _Clock()
+        self._describe = describe
 
         def channel(peer: Optional[int], name: str) -> Optional[_Channel]:
-            return None if peer is None else _Channel(peer, groups.get(name), device, timeout, self._clock)
+            return None if peer is None else _Channel(peer, groups.get(name), device, timeout, self._clock, describe)
 
         self._act_in, self._act_out = channel(prev_rank, "act_in"), channel(next_rank, "act_out")
         self._grad_in, self._grad_out = channel(next_rank, "grad_in"), channel(prev_rank, "grad_out")
-        self._sends: deque[tuple[Any, tuple[Tensor, ...]]] = deque()
+        self._sends: deque[tuple[Any, tuple[Tensor, ...], int]] = deque()
 
     @property
     def wait_seconds(self) -> float:
@@ -232,7 +248,7 @@ class TorchP2PTransport:
         assert ch is not None, "no neighbour in this direction"
         for t in tensors:
             t = t.detach().contiguous()
-            self._sends.append((dist.isend(t, dst=ch.peer, group=ch.group, tag=ch.next_tag()), (t,)))
+            self._sends.append((dist.isend(t, dst=ch.peer, group=ch.group, tag=ch.next_tag()), (t,), ch.peer))
         while self._sends and self._sends[0][0].is_completed():
             self._sends.popleft()
 
@@ -273,8 +289,11 @@ class TorchP2PTransport:
     def wait_sends(self) -> None:
         """Block until every send has completed (before a drain ends or the process exits)."""
         while self._sends:
-            work, _ = self._sends.popleft()
-            work.wait()
+            work, _, peer = self._sends.popleft()
+            try:
+                work.wait()
+            except RuntimeError as err:
+                raise lost_peer(self._describe(peer), err) from err
 
 
 class _Ready:

@@ -4,6 +4,8 @@
   pipelined fails at once instead of after N processes rendezvous.
 - If the main process fails after launching, its children are killed (Lightning does so only
   on KeyboardInterrupt; a child blocked in a rendezvous would otherwise wait for the timeout).
+- The main process watches its children and each child the main process
+  (:mod:`lightning_asyncpipe.watchdog`): a lost stage process ends the job, named.
 - Under Hydra the children are started with *this job's* overrides in run mode, so a multirun
   (``-m strategy=gpipe,pipedream_2bw``) starts one set of children per job instead of children
   that start sweeps of their own; after each multirun job the main process leaves the
@@ -21,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.launchers.subprocess_script import _basic_subprocess_cmd
+
+from lightning_asyncpipe.watchdog import PARENT_PID_ENV, ChildWatch
 
 if TYPE_CHECKING:
     from lightning_asyncpipe.strategy import AsyncPipeStrategy
@@ -66,12 +70,19 @@ class _ValidatingMixin:
 class ScriptLauncher(_ValidatingMixin, _SubprocessScriptLauncher):
     """Lightning's script launcher (as DDP), with the pipeline's checks and clean-ups."""
 
+    watch: Optional[ChildWatch] = None
+
     def launch(self, function: Callable, *args: Any, trainer: Optional[Trainer] = None, **kwargs: Any) -> Any:
         try:
             return super().launch(function, *args, trainer=trainer, **kwargs)
         except BaseException:
+            if self.watch is not None:
+                self.watch.stop(failed=True)
             self.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
             raise
+        finally:
+            if self.watch is not None:
+                self.watch.stop()
 
     def _call_children_scripts(self) -> None:
         self._check_can_spawn_children()
@@ -83,12 +94,17 @@ class ScriptLauncher(_ValidatingMixin, _SubprocessScriptLauncher):
         os.environ["LOCAL_RANK"] = str(env.local_rank())
         os.environ["WORLD_SIZE"] = f"{self.num_processes * self.num_nodes}"
         for local_rank in range(1, self.num_processes):
-            child_env = {**os.environ, "LOCAL_RANK": str(local_rank)}
+            child_env = {**os.environ, "LOCAL_RANK": str(local_rank), PARENT_PID_ENV: str(os.getpid())}
             if _hydra_config() is not None:
                 command, cwd = hydra_job_command(local_rank)
             else:
                 command, cwd = _basic_subprocess_cmd(), None
             self.procs.append(subprocess.Popen(command, env=child_env, cwd=cwd))
+        first = env.node_rank() * self.num_processes
+        topology = self.strategy.topology
+        self.watch = ChildWatch(list(zip(range(first + 1, first + self.num_processes), self.procs)),
+                                lambda rank: f"stage {topology.stage_of(rank)} (rank {rank})")  # fmt: skip
+        self.watch.start()
 
 
 class SpawnLauncher(_ValidatingMixin, _MultiProcessingLauncher):

@@ -8,7 +8,7 @@ and at the end of fit), and the next step fills the pipeline again from the late
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import Any, Optional
 
 import torch
@@ -109,6 +109,19 @@ class StagePipeline:
             self.pending = False
         self.fill_step = self.step
         self.executor.transport.wait_sends()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step counter and the policy's state (:meth:`WeightPolicy.state_dict`), taken after a
+        drain: what a resumed run needs to continue exactly (checkpoints drain first)."""
+        if self.pending:
+            raise RuntimeError("StagePipeline.state_dict needs a drained pipeline: call drain() first")
+        return {"policy": self.policy.name, "step": self.step, **self.policy.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a drained pipeline's (possibly merged over stages) :meth:`state_dict`."""
+        self.step = self.fill_step = int(state["step"])
+        self.pending = False
+        self.policy.load_state_dict(state)
 
     def eval_step(self, hooks: StepHooks) -> None:
         """Forward one batch for evaluation; drains first so evaluation sees the latest weights."""

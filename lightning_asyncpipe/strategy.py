@@ -4,6 +4,7 @@ executor into a Trainer. No pipeline logic lives here."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from collections.abc import Mapping
@@ -22,11 +23,12 @@ from lightning.fabric.utilities.distributed import (
 )
 from lightning.fabric.utilities.distributed import group as _group
 from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import _Stateful
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
@@ -35,11 +37,14 @@ from torch.utils.data import RandomSampler
 from typing_extensions import override
 
 from lightning_asyncpipe.checkpoint import (
+    PIPELINE_STATE_KEY,
     load_optimizer_state_by_name,
     merge_optimizer_states,
+    merge_pipeline_states,
     optimizer_state_by_name,
 )
 from lightning_asyncpipe.comm import PipelineGroups, TorchP2PTransport
+from lightning_asyncpipe.data import ResumableLoader
 from lightning_asyncpipe.errors import PipelineConfigError
 from lightning_asyncpipe.executor import PipelineExecutor
 from lightning_asyncpipe.handoff import StepHandoff, deferred_sigterm_check
@@ -61,6 +66,7 @@ from lightning_asyncpipe.policies.base import StepFn
 from lightning_asyncpipe.topology import Topology
 from lightning_asyncpipe.trace import TimelineEvent, TimelineRecorder
 from lightning_asyncpipe.trace import merge as merge_timeline
+from lightning_asyncpipe.watchdog import PARENT_PID_ENV, ParentWatch
 from lightning_asyncpipe.user_step import LogRecord, LogRecorder, UserStep
 
 __all__ = ["AsyncPipeStrategy"]
@@ -170,6 +176,7 @@ class AsyncPipeStrategy(ParallelStrategy):
         self._pending_payloads: list[Any] = []
         self._failed = False
         self._data_seed: Optional[int] = None
+        self._parent_watch: Optional[ParentWatch] = None
 
     # ------------------------------------------------------------------ topology and launch
 
@@ -182,7 +189,8 @@ class AsyncPipeStrategy(ParallelStrategy):
 
     @override
     def process_dataloader(self, dataloader: Any) -> Any:
-        """Make a shuffling sampler draw the same order on every stage of a pipeline.
+        """Make a shuffling sampler draw the same order on every stage of a pipeline, and keep the
+        training loader's position in checkpoints (:class:`~lightning_asyncpipe.data.ResumableLoader`).
 
         With one replica the user's sampler is kept (single-device semantics); a ``RandomSampler``
         without its own generator would draw from each process's global RNG, which diverges as
@@ -192,7 +200,18 @@ class AsyncPipeStrategy(ParallelStrategy):
         sampler = getattr(dataloader, "sampler", None)
         if isinstance(sampler, RandomSampler) and sampler.generator is None and self._data_seed is not None:
             sampler.generator = torch.Generator().manual_seed(self._data_seed)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        training = trainer is not None and trainer.state.stage == RunningStage.TRAINING
+        if training and not isinstance(dataloader, _Stateful) and hasattr(dataloader, "__len__"):
+            return ResumableLoader(dataloader, self._data_position)
         return dataloader
+
+    def _data_position(self) -> tuple[int, bool]:
+        """Batches of the current epoch trained so far, and whether the epoch is complete."""
+        assert self.lightning_module is not None
+        trainer = self.lightning_module.trainer
+        trained = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return trained, trained >= trainer.num_training_batches
 
     @property
     def num_nodes(self) -> int:
@@ -268,7 +287,18 @@ class AsyncPipeStrategy(ParallelStrategy):
             kwargs["device_id"] = self.root_device
         _init_dist_connection(self.cluster_environment, backend, **kwargs)
         self._groups = PipelineGroups(self.topology, self.global_rank)
+        self._watch_parent()
         self._data_seed = int(self.broadcast(int(torch.randint(0, 2**62, ()).item())))
+
+    def _watch_parent(self) -> None:
+        """In a child started by :class:`ScriptLauncher`: end this process if the main one is lost."""
+        parent = os.environ.get(PARENT_PID_ENV)
+        if parent is None or int(parent) != os.getppid() or self._parent_watch is not None:
+            return
+        topo = self.topology
+        self._parent_watch = ParentWatch(int(parent), f"stage {topo.stage_of(0)} (rank 0)",
+                                         f"stage {self.stage} (rank {self.global_rank})")  # fmt: skip
+        self._parent_watch.start()
 
     # ------------------------------------------------------------------ setup
 
@@ -331,6 +361,7 @@ class AsyncPipeStrategy(ParallelStrategy):
             groups=self._groups.p2p,
             device=self.root_device,
             timeout=self._timeout,
+            describe=lambda rank: f"stage {topo.stage_of(rank)} (rank {rank})",
         )
         self._executor = PipelineExecutor(
             self._partition.local, stage, topo.n_stages, transport, self._policy, self._apply_update
@@ -665,16 +696,58 @@ class AsyncPipeStrategy(ParallelStrategy):
         return merge_optimizer_states(parts, order)
 
     @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        module = self.lightning_module
+        assert module is not None
+        try:
+            super().load_model_state_dict(checkpoint, strict=strict)
+        except RuntimeError as err:  # missing / unexpected keys, size mismatches
+            raise PipelineConfigError(
+                f"The checkpoint's weights do not fit {type(module).__name__}: it was written for another model (or "
+                f"another configuration of it). Check ckpt_path. PyTorch reports: {err}"
+            ) from err
+
+    @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        # Lightning restores the training state (loops, then optimizers) through this hook when
+        # fitting: the pipeline's own state comes back with the optimizer's.
         assert self.lightning_module is not None
         for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
             load_optimizer_state_by_name(optimizer, self.lightning_module, saved)
+        self._load_pipeline_state(checkpoint.get(PIPELINE_STATE_KEY))
+
+    def _load_pipeline_state(self, saved: Optional[Mapping[str, Any]]) -> None:
+        """Continue the step counter and the policy's state (stashed versions, velocity, counters)."""
+        assert self._pipeline is not None and self._policy is not None
+        if saved is None:
+            return  # a checkpoint without pipeline state (e.g. of a plain run): start the policy fresh
+        if saved["policy"] != self._policy.name and not (
+            self._policy.synchronous and policy_class(saved["policy"]).synchronous
+        ):
+            raise PipelineConfigError(
+                f"This checkpoint was written with policy {saved['policy']!r}; resuming it with {self._policy.name!r} "
+                "would continue from weight versions the new policy does not have. Resume with "
+                f"policy={saved['policy']!r}, or load only the weights (Model.load_from_checkpoint) and fit afresh."
+            )
+        self._pipeline.load_state_dict(saved)
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        """Add the drained pipeline's state (collective: every rank calls it, as Lightning does)."""
+        if self._pipeline is not None and self.optimizers and "optimizer_states" in checkpoint:
+            self.drain()  # already drained by lightning_module_state_dict; a no-op then
+            parts = self._gather_stages_to_zero(self._pipeline.state_dict())
+            if parts is not None:
+                checkpoint[PIPELINE_STATE_KEY] = merge_pipeline_states(parts)
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     # ------------------------------------------------------------------ teardown
 
     @override
     def on_exception(self, exception: BaseException) -> None:
         self._failed = True
+        if self._parent_watch is not None:
+            self._parent_watch.stop(failed=True)  # says so if the main process was lost
 
     @override
     def teardown(self) -> None:
@@ -689,6 +762,9 @@ class AsyncPipeStrategy(ParallelStrategy):
                 restore_module(module, self._partition, {k: v for part in parts for k, v in part.items()})
             self._partition = None
         self._executor = None
+        if self._parent_watch is not None:
+            self._parent_watch.stop()
+            self._parent_watch = None
         super().teardown()
         if isinstance(self._launcher, ScriptLauncher):
             reset_after_hydra_job(self._launcher)

@@ -145,3 +145,34 @@ def test_nan_in_activations_is_named_when_detection_is_on() -> None:
     assert "NonFiniteError: NaN in output of stage 0 for micro-batch 4" in result.output
     assert result.elapsed < 60
     assert not leftover_processes(token)
+
+
+BAD_INPUT = {
+    "unsplittable": "cannot split a batch of type Box into micro-batches",
+    "small-batch": "got a batch of 8 samples, fewer than microbatches=16",
+    "ragged": "ShapeError: A stage output changed shape for micro-batches of the same input shapes",
+    "dict-between-stages": "Stage 0 produced dict : only a tensor or a tuple of tensors can cross a stage boundary",
+    "detached": "Stage 0's output for micro-batch 0 does not require grad",
+    "2bw-few-microbatches": "needs microbatches >= stages so that two weight buffers suffice, got microbatches=1 "
+                            "with 2 stages. Use microbatches >= 2.",
+    "pb-adamw": "Policy 'pipelined_backprop' needs torch.optim.SGD with momentum > 0",
+    "other-model-checkpoint": "The checkpoint's weights do not fit SeqRegressor: it was written for another model",
+}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", list(BAD_INPUT))
+def test_bad_input_fails_clearly_and_ends_every_process(mode: str, tmp_path) -> None:
+    """Bad input met in the launched processes (the data, the stage boundary, the optimizer, the
+    checkpoint): the job ends fast with the message, wherever the error arises."""
+    token = uuid.uuid4().hex
+    result = run_script("fit_faulty.py", mode, token, timeout=90, env={"TMPDIR": str(tmp_path)})
+    assert result.returncode != 0
+    assert BAD_INPUT[mode] in result.output, result.output[-3000:]
+    assert result.elapsed < 60
+    assert not leftover_processes(token)
+
+
+def test_2bw_with_too_few_microbatches_fails_before_launch() -> None:
+    message = _fit_fails(SeqRegressor(), devices=2, policy="pipedream_2bw", microbatches=1)
+    assert "Use microbatches >= 2" in message

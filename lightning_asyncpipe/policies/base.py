@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from abc import ABC
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Callable, ClassVar, Optional
 
 import torch
@@ -185,11 +186,40 @@ class WeightPolicy(ABC):
         self._refresh_report()
         return self.report_
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"updates": self.updates}
+    # ------------------------------------------------------------------ checkpoints
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs, taken right after a drain (nothing in flight).
+
+        Tensors are keyed by parameter name (names inside the pipelined ``nn.Sequential``, the
+        same whatever the stage layout), so the states of all stages merge into one dict and
+        split again over any number of stages: ``{"updates": n, "tensors": {buffer: {parameter name: tensor}}}``.
+        """
+        return {"updates": self.updates, "tensors": {k: {n: t.detach().cpu() for n, t in v.items()}
+                                                     for k, v in self._named_buffers().items()}}  # fmt: skip
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a (possibly merged) :meth:`state_dict`: this stage takes its own parameters' entries."""
         self.updates = int(state.get("updates", 0))
+        assert self.module is not None
+        local = dict(self.module.named_parameters())
+        self._load_buffers({
+            key: {n: t.to(device=local[n].device, dtype=local[n].dtype) for n, t in tensors.items() if n in local}
+            for key, tensors in state.get("tensors", {}).items()
+        })
+
+    def _missing(self, tensors: Mapping[str, Tensor]) -> list[str]:
+        """Local parameters without an entry in ``tensors``."""
+        assert self.module is not None
+        return [n for n, _ in self.module.named_parameters() if n not in tensors]
+
+    def _named_buffers(self) -> dict[str, dict[str, Tensor]]:
+        """The policy's weight-sized state by buffer name, each a dict by parameter name."""
+        return {}
+
+    def _load_buffers(self, buffers: dict[str, dict[str, Tensor]]) -> None:
+        """Take back what :meth:`_named_buffers` gave, restricted to this stage's parameters and
+        moved to their devices (entries of a parameter may be missing when the stage layout changed)."""
 
 
 def require_sgd_momentum(policy: str, optimizer: Optimizer) -> torch.optim.SGD:

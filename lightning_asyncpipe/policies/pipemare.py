@@ -113,13 +113,15 @@ class PipeMarePolicy(RecomputingPolicy):
     def extra_buffers(self) -> int:
         return 1 if self.discrepancy_correction and self.tau >= 1 else 0
 
-    def state_dict(self) -> dict[str, object]:
-        velocity = None if self._velocity is None else [d.cpu() for d in self._velocity]
-        return {**super().state_dict(), "velocity": velocity}
+    def _named_buffers(self) -> dict[str, dict[str, Tensor]]:
+        if self._velocity is None:
+            return {}
+        return {"velocity": {n: d for (n, _), d in zip(self._named_live(), self._velocity)}}
 
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        super().load_state_dict(state)  # type: ignore[arg-type]
-        velocity = state.get("velocity")
-        if velocity is not None and self.module is not None:
-            device = next(self.module.parameters()).device
-            self._velocity = [t.to(device) for t in velocity]  # type: ignore[union-attr]
+    def _load_buffers(self, buffers: dict[str, dict[str, Tensor]]) -> None:
+        velocity = buffers.get("velocity")
+        if velocity is None or self.tau < 1:
+            self._velocity = None
+            return
+        # a stage that had no delay before the layout changed had no velocity: it starts at zero
+        self._velocity = [velocity[n].clone() if n in velocity else torch.zeros_like(p) for n, p in self._named_live()]

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_asyncpipe.errors import PipelineConfigError
 from lightning_asyncpipe.policies.base import ApplyUpdate, WeightPolicy
 
 __all__ = ["StashingPolicy"]
@@ -111,10 +112,18 @@ class StashingPolicy(WeightPolicy):
     def weight_copies(self) -> int:
         return 1 + len(self._stash)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "stash": {v: [p.detach().cpu() for p in ps] for v, ps in self._stash.items()}}
+    def _named_buffers(self) -> dict[str, dict[str, Tensor]]:
+        names = self._names()
+        return {f"stash.{v}": dict(zip(names, ps)) for v, ps in self._stash.items()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        device = next(self.module.parameters()).device if self.module is not None else torch.device("cpu")
-        self._stash = {int(v): [nn.Parameter(t.to(device)) for t in ps] for v, ps in state.get("stash", {}).items()}
+    def _load_buffers(self, buffers: dict[str, dict[str, Tensor]]) -> None:
+        names, self._stash = self._names(), {}
+        for key, tensors in buffers.items():
+            if not key.startswith("stash."):
+                continue
+            if missing := self._missing(tensors):
+                raise PipelineConfigError(
+                    f"The checkpoint keeps weight version {key[6:]} for {self.name}, but not for parameters "
+                    f"{missing[:5]} of this stage: it was written for another model."
+                )
+            self._stash[int(key[6:])] = [nn.Parameter(tensors[n].clone()) for n in names]

@@ -4,6 +4,10 @@ Usage: python fit_faulty.py MODE TOKEN
   MODE: raise-first | raise-last (a layer raises at the 5th training forward, on stage 0 or on the
         last stage), two-optimizers (configure_optimizers returns two), nan-first (stage 0's output
         turns NaN at the 5th training forward, with anomaly detection on)
+        Bad input: unsplittable (batches are plain objects), small-batch (a batch of 8 with 16
+        micro-batches), ragged (stage 0's output length depends on the data), dict-between-stages,
+        detached (stage 0's output does not require grad), 2bw-few-microbatches, pb-adamw,
+        other-model-checkpoint (ckpt_path written for a model of another width)
   TOKEN: an arbitrary marker, so the test can look for processes left behind
 """
 
@@ -48,6 +52,33 @@ class Poison(nn.Module):
         return x
 
 
+class Boundary(nn.Module):
+    """The last layer of stage 0, breaking the stage boundary's contract in one way."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> object:
+        if self.how == "ragged":
+            return x[: 1 + int(x.abs().sum() * 1000) % x.shape[0]]  # data-dependent length
+        if self.how == "dict-between-stages":
+            return {"hidden": x}
+        return x.detach()
+
+
+class Box:
+    """A batch type the pipeline cannot split."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+
+class BoxRegressor(SeqRegressor):
+    def training_step(self, batch: Box, batch_idx: int) -> torch.Tensor:  # type: ignore[override]
+        return torch.nn.functional.mse_loss(self(batch.x), batch.y)
+
+
 class TwoOptimizers(SeqRegressor):
     def configure_optimizers(self):  # type: ignore[override]
         return [torch.optim.SGD(self.parameters(), lr=0.1), torch.optim.SGD(self.parameters(), lr=0.1)]
@@ -57,19 +88,35 @@ def main() -> None:
     mode = sys.argv[1]
     torch.set_num_threads(1)
     L.seed_everything(0)
-    model = TwoOptimizers() if mode == "two-optimizers" else SeqRegressor()
+    model = {"two-optimizers": TwoOptimizers, "unsplittable": BoxRegressor}.get(mode, SeqRegressor)()
+    if mode == "pb-adamw":
+        model = SeqRegressor(optimizer="adamw")
     if mode == "raise-first":
         model.net.insert(0, Bomb("first"))
     if mode == "raise-last":
         model.net.append(Bomb("last"))
     if mode == "nan-first":
         model.net.insert(1, Poison())
+    if mode in ("ragged", "dict-between-stages", "detached"):
+        model.net.insert(3, Boundary(mode))  # 8 layers: the last of stage 0's four
+    policy = {"2bw-few-microbatches": "pipedream_2bw", "pb-adamw": "pipelined_backprop"}.get(mode, "pipedream")
+    microbatches = {"small-batch": 16, "2bw-few-microbatches": 1}.get(mode, 2)
     trainer = L.Trainer(
         accelerator="cpu", devices=2, max_steps=20, logger=False,
-        strategy=AsyncPipeStrategy(policy="pipedream", microbatches=2, detect_anomaly=mode == "nan-first"),
+        strategy=AsyncPipeStrategy(policy=policy, microbatches=microbatches, detect_anomaly=mode == "nan-first"),
         enable_progress_bar=False, enable_checkpointing=False,
     )  # fmt: skip
-    trainer.fit(model, loader(regression_data(), 8))
+    data = loader(regression_data(), 8)
+    if mode == "unsplittable":
+        data = torch.utils.data.DataLoader(regression_data(), batch_size=8, collate_fn=lambda b: Box(
+            torch.stack([x for x, _ in b]), torch.stack([y for _, y in b])))  # fmt: skip
+    ckpt_path = None
+    if mode == "other-model-checkpoint":
+        ckpt_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"other-model-{sys.argv[2]}.ckpt")
+        if not os.path.exists(ckpt_path):  # written by the main process before launch
+            torch.save({"state_dict": SeqRegressor(width=32).state_dict(), "pytorch-lightning_version": L.__version__},
+                       ckpt_path)  # fmt: skip
+    trainer.fit(model, data, ckpt_path=ckpt_path)
 
 
 if __name__ == "__main__":

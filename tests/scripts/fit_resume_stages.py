@@ -1,6 +1,6 @@
 """Checkpoints move between pipeline layouts: train with N stages, resume with M.
 
-Usage: python fit_resume_stages.py OUT_DIR DEVICES MODE [CKPT]
+Usage: python fit_resume_stages.py OUT_DIR POLICY DEVICES MODE [CKPT]
   MODE straight: 2 epochs, save weights to straight.pt
   MODE first:    1 epoch, checkpoint in first-<DEVICES>/last.ckpt
   MODE resume:   resume CKPT to 2 epochs, save weights to resumed-from-<ckpt stages>-to-<DEVICES>.pt
@@ -22,17 +22,17 @@ torch.set_num_threads(1)
 
 
 def main() -> None:
-    out, devices, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    out, policy, devices, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     L.seed_everything(5)
     model = SeqRegressor(optimizer="adamw", lr=0.02, depth=5)  # 9 layers: 2 or 4 stages
     callbacks = [ModelCheckpoint(dirpath=os.path.join(out, f"first-{devices}"), save_last=True, save_top_k=0)]
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=AsyncPipeStrategy(policy="pipedream_flush", microbatches=2),
+        accelerator="cpu", devices=devices, strategy=AsyncPipeStrategy(policy=policy, microbatches=4),
         max_epochs=1 if mode == "first" else 2, logger=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=callbacks if mode == "first" else [], enable_checkpointing=mode == "first",
     )  # fmt: skip
-    trainer.fit(model, loader(regression_data(48), 8), ckpt_path=sys.argv[4] if mode == "resume" else None)
+    trainer.fit(model, loader(regression_data(48), 8), ckpt_path=sys.argv[5] if mode == "resume" else None)
     if trainer.global_rank == 0 and mode != "first":
         name = "straight.pt" if mode == "straight" else f"resumed-to-{devices}.pt"
         torch.save(model.state_dict(), os.path.join(out, name))

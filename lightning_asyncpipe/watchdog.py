@@ -1,0 +1,153 @@
+"""Noticing a lost stage process, so the job ends fast with a message that names it.
+
+When a stage process dies (killed, out of memory), its neighbours' transfers fail at once and
+they stop with :class:`~lightning_asyncpipe.errors.StageFailure`; the failure then travels stage
+by stage. Two watchers make sure the job ends even where nothing is waiting on the lost process,
+and say which process was lost:
+
+- :class:`ChildWatch` runs in the main process (rank 0) and polls the stage processes it
+  started. A child that ends with a non-zero status is reported by stage, rank and pid; if the
+  main process has not stopped by itself ``grace`` seconds later, it kills the other children
+  and exits.
+- :class:`ParentWatch` runs in every started child, during fit/validate/test/predict: if the
+  main process disappears it reports it and, after ``grace`` seconds, exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Callable
+
+__all__ = ["ChildWatch", "ParentWatch", "PARENT_PID_ENV"]
+
+PARENT_PID_ENV = "ASYNCPIPE_PARENT_PID"
+"""Set by the launcher in each child: the pid of the main process to watch."""
+
+
+def _how(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _report(message: str) -> None:
+    sys.stderr.write(f"AsyncPipeStrategy: {message}\n")
+    sys.stderr.flush()
+
+
+class ChildWatch(threading.Thread):
+    """Watches the main process's children (see the module docstring).
+
+    Args:
+        procs: the children, with the global rank of each.
+        describe: names a rank (``"stage 1 (rank 1)"``).
+        grace: seconds the main process gets to stop by itself after a child is lost.
+        interval: polling period in seconds.
+    """
+
+    def __init__(self, procs: Sequence[tuple[int, subprocess.Popen]], describe: Callable[[int], str],
+                 grace: float = 20.0, interval: float = 0.5) -> None:  # fmt: skip
+        super().__init__(name="asyncpipe-child-watch", daemon=True)
+        self.procs, self.describe, self.grace, self.interval = list(procs), describe, grace, interval
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._reported: set[int] = set()
+
+    def stop(self, failed: bool = False) -> None:
+        """Stop watching; ``failed``: the main process is failing, first report the children lost
+        before it (their loss is usually the reason) and not the ones it is about to kill."""
+        with self._lock:
+            if failed and not self._stopped.is_set():
+                # a killed child's connections close a moment before its exit status is reaped
+                for _ in range(10):
+                    if self.report_lost():
+                        break
+                    time.sleep(0.1)
+            self._stopped.set()
+
+    def report_lost(self) -> bool:
+        """Report children that ended with a non-zero status (once each); whether there were any."""
+        lost = False
+        for rank, proc in self.procs:
+            code = proc.poll()
+            if code not in (None, 0):
+                lost = True
+                if rank not in self._reported:
+                    self._reported.add(rank)
+                    _report(f"{self.describe(rank)}, pid {proc.pid}, ended unexpectedly ({_how(code)}); "
+                            "stopping every stage of the job.")  # fmt: skip
+        return lost
+
+    def run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            with self._lock:
+                lost = not self._stopped.is_set() and self.report_lost()
+            if lost:
+                if not self._stopped.wait(self.grace):
+                    _report(f"the main process did not stop within {self.grace:.0f} s; killing the other stages.")
+                    for _, proc in self.procs:
+                        if proc.poll() is None:
+                            proc.kill()
+                    os._exit(1)
+                return
+            if all(proc.poll() is not None for _, proc in self.procs):
+                return
+
+
+class ParentWatch(threading.Thread):
+    """Watches, from a child, the main process that started it (see the module docstring).
+
+    Args:
+        parent_pid: the main process's pid.
+        describe_parent: names the main process (``"stage 1 (rank 0)"``).
+        describe_self: names this process.
+        grace: seconds this process gets to stop by itself after the main process is lost.
+        interval: polling period in seconds.
+    """
+
+    def __init__(self, parent_pid: int, describe_parent: str, describe_self: str, grace: float = 10.0,
+                 interval: float = 0.5) -> None:  # fmt: skip
+        super().__init__(name="asyncpipe-parent-watch", daemon=True)
+        self.parent_pid, self.grace, self.interval = parent_pid, grace, interval
+        self.describe_parent, self.describe_self = describe_parent, describe_self
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._reported = False
+
+    def stop(self, failed: bool = False) -> None:
+        """Stop watching; ``failed``: this process is failing, first report whether the main
+        process was lost (usually the reason)."""
+        with self._lock:
+            if failed and not self._stopped.is_set():
+                for _ in range(10):  # its connections close a moment before this process is re-parented
+                    if self._report_lost():
+                        break
+                    time.sleep(0.1)
+            self._stopped.set()
+
+    def _report_lost(self) -> bool:
+        if os.getppid() == self.parent_pid:
+            return False
+        if not self._reported:
+            self._reported = True
+            _report(f"the main process, {self.describe_parent}, pid {self.parent_pid}, ended unexpectedly; "
+                    f"stopping {self.describe_self}.")  # fmt: skip
+        return True
+
+    def run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            with self._lock:
+                lost = not self._stopped.is_set() and self._report_lost()
+            if lost:
+                if not self._stopped.wait(self.grace):
+                    os._exit(1)
+                return
