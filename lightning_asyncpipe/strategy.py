@@ -295,8 +295,8 @@ class AsyncPipeStrategy(ParallelStrategy):
         parent = os.environ.get(PARENT_PID_ENV)
         if parent is None or int(parent) != os.getppid() or self._parent_watch is not None:
             return
-        topo = self.topology
-        self._parent_watch = ParentWatch(int(parent), f"stage {topo.stage_of(0)} (rank 0)",
+        topo, parent_rank = self.topology, self.global_rank - self.local_rank  # this node's main process
+        self._parent_watch = ParentWatch(int(parent), f"stage {topo.stage_of(parent_rank)} (rank {parent_rank})",
                                          f"stage {self.stage} (rank {self.global_rank})")  # fmt: skip
         self._parent_watch.start()
 

@@ -20,21 +20,24 @@ class Result:
     elapsed: float
 
 
-def run_script(name: str, *args: object, timeout: float = 240, env: dict[str, str] | None = None) -> Result:
+def run_script(name: str, *args: object, timeout: float = 240, env: dict[str, str] | None = None,
+               launcher: list[str] | None = None) -> Result:  # fmt: skip
     """Run ``tests/scripts/<name>`` in its own session; on timeout kill the whole process group.
+
+    ``launcher`` replaces ``[python]`` in front of the script (e.g. a torchrun command).
 
     Raises:
         AssertionError: if the script runs past ``timeout`` (the output so far is in the message).
     """
     import time
 
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                **(env or {})}  # fmt: skip
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED"):
         full_env.pop(var, None)  # left by in-process Trainers; each launch picks its own free port
+    full_env.update(env or {})
     start = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, str(name if Path(str(name)).is_absolute() else SCRIPTS / name), *map(str, args)],
+        [*(launcher or [sys.executable]), str(name if Path(str(name)).is_absolute() else SCRIPTS / name), *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=str(ROOT),
         start_new_session=True,
     )  # fmt: skip
