@@ -10,7 +10,8 @@ Each call to :meth:`PipelineExecutor.run` executes one Lightning step's actions 
              its gradient
     B(j)  4. backpropagate the kept loss, or the output with the received gradient
           5. send the input's gradient to the previous stage
-    U(k)  6. ``policy.update(k, apply)``: the policy decides which weights the update lands on,
+    U(k)  6. complete the deferred weight gradients (:mod:`lightning_asyncpipe.wgrad`), then
+             ``policy.update(k, apply)``: the policy decides which weights the update lands on,
              ``apply`` performs one optimizer update of the live weights
 
 Each step is atomic with respect to the other stages: everything a step receives is sent by a
@@ -33,6 +34,7 @@ from lightning_asyncpipe.errors import AsyncPipeError, NonFiniteError, PipelineC
 from lightning_asyncpipe.partition import computing
 from lightning_asyncpipe.policies.base import ApplyUpdate, WeightPolicy
 from lightning_asyncpipe.schedule import Action, ActionKind
+from lightning_asyncpipe.wgrad import DeferredWeightGrad
 
 __all__ = ["StepHooks", "PipelineExecutor", "ActionTiming", "as_tensors"]
 
@@ -92,6 +94,8 @@ class PipelineExecutor:
         policy: the weight-version policy.
         apply_update: performs one optimizer update of the live weights (called by the policy, which
             may pass its own step function).
+        defer_weight_grad: compute ``nn.Linear`` weight gradients once per batch, at the update
+            (:class:`~lightning_asyncpipe.wgrad.DeferredWeightGrad`).
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class PipelineExecutor:
         transport: Transport,
         policy: WeightPolicy,
         apply_update: ApplyUpdate,
+        defer_weight_grad: bool = True,
     ) -> None:
         self.module, self.stage, self.n_stages = module, stage, n_stages
         self.transport, self.policy, self.apply_update = transport, policy, apply_update
@@ -114,6 +119,13 @@ class PipelineExecutor:
         self.check_finite = False
         self.activation_bytes = 0
         self.peak_activation_bytes = 0
+        self.wgrad = DeferredWeightGrad(module) if defer_weight_grad else None
+
+    def close(self) -> None:
+        """Give the stage's layers back unmodified (the deferred-gradient forwards are removed)."""
+        if self.wgrad is not None:
+            self.wgrad.remove()
+            self.wgrad = None
 
     @property
     def in_flight(self) -> list[int]:
@@ -126,6 +138,8 @@ class PipelineExecutor:
             for a in actions:
                 if a.kind is ActionKind.FORWARD:
                     self._act_recv[a.index] = self.transport.recv_activation(hooks.key(a.index))
+        if self.wgrad is not None:
+            self.wgrad.active = train
         for a in actions:
             waited = self.transport.wait_seconds
             start = time.perf_counter()
@@ -134,6 +148,8 @@ class PipelineExecutor:
             elif a.kind is ActionKind.BACKWARD:
                 self._backward(a.index)
             else:
+                if self.wgrad is not None:
+                    self.wgrad.flush()
                 self.policy.update(a.index, self.apply_update)
             if self.record_timings:
                 self.timings.append(ActionTiming(a, start, time.perf_counter(), self.transport.wait_seconds - waited))

@@ -97,6 +97,9 @@ class AsyncPipeStrategy(ParallelStrategy):
         start_method: ``"popen"`` (re-run the script, as DDP) or a multiprocessing start method.
         detect_anomaly: raise :class:`~lightning_asyncpipe.errors.NonFiniteError`, naming the stage
             and micro-batch, when a stage output or the loss holds NaN or Inf.
+        defer_weight_grad: compute ``nn.Linear`` weight gradients once per batch at the update
+            instead of once per micro-batch (:mod:`lightning_asyncpipe.wgrad`): the same result,
+            faster with small micro-batches; costs keeping each layer's output gradient until then.
         pipeline_metrics: log ``pipeline/stage{s}/...`` metrics (bubble, staleness, stashed
             weights, activations, transfer wait) and throughput every ``log_every_n_steps`` steps.
 
@@ -131,6 +134,7 @@ class AsyncPipeStrategy(ParallelStrategy):
         start_method: StartMethod = "popen",
         pipeline_metrics: bool = True,
         detect_anomaly: bool = False,
+        defer_weight_grad: bool = True,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -167,6 +171,7 @@ class AsyncPipeStrategy(ParallelStrategy):
         self._pipeline: Optional[StagePipeline] = None
         self.pipeline_metrics = pipeline_metrics
         self.detect_anomaly = detect_anomaly
+        self.defer_weight_grad = defer_weight_grad
         self._metrics: Optional[PipelineMetrics] = None
         self._last_step_start: Optional[float] = None
         self.timeline: Optional[TimelineRecorder] = None
@@ -364,7 +369,8 @@ class AsyncPipeStrategy(ParallelStrategy):
             describe=lambda rank: f"stage {topo.stage_of(rank)} (rank {rank})",
         )
         self._executor = PipelineExecutor(
-            self._partition.local, stage, topo.n_stages, transport, self._policy, self._apply_update
+            self._partition.local, stage, topo.n_stages, transport, self._policy, self._apply_update,
+            defer_weight_grad=self.defer_weight_grad,
         )
         self._executor.check_finite = self.detect_anomaly
         self._pipeline = StagePipeline(self._executor, self.microbatches, self.optimizers[0] if self.optimizers else None)
@@ -754,6 +760,8 @@ class AsyncPipeStrategy(ParallelStrategy):
         module = self.lightning_module
         if module is not None and "on_validation_model_zero_grad" in vars(module):
             del module.on_validation_model_zero_grad
+        if self._executor is not None:
+            self._executor.close()  # the layers get their own forward back
         if self._partition is not None and module is not None:
             if not self._failed and _distributed_is_initialized():
                 if self._executor is not None:

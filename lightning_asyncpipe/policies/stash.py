@@ -81,20 +81,24 @@ class StashingPolicy(WeightPolicy):
         floor = self._future_floor()
         self.updates -= 1
         keep_from = min(in_flight | {floor})
+        released: list[list[nn.Parameter]] = []
         for version in [v for v in self._stash if v < keep_from]:
-            del self._stash[version]  # no graph in flight uses it and no forward to come will
+            released.append(self._stash.pop(version))  # no graph in flight uses it and no forward to come will
         if live in in_flight or floor <= live:
-            self._stash[live] = self._detach_live()
+            self._stash[live] = self._detach_live(released[0] if released else None)
         apply(batch, None)
         self._finish_update(batch)
 
-    def _detach_live(self) -> list[nn.Parameter]:
-        """Hand the live parameters over to the stash and give the module and optimizer copies."""
+    def _detach_live(self, recycle: Optional[list[nn.Parameter]] = None) -> list[nn.Parameter]:
+        """Hand the live parameters over to the stash and give the module and optimizer copies
+        (written into ``recycle``, the storage of a version just released, when there is one:
+        double buffering without allocating)."""
         assert self.module is not None
         old = list(self.module.parameters())
         swap: dict[int, nn.Parameter] = {}
-        for name, param in list(self.module.named_parameters()):
-            fresh = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+        for i, (name, param) in enumerate(list(self.module.named_parameters())):
+            data = recycle[i].detach().copy_(param.detach()) if recycle is not None else param.detach().clone()
+            fresh = nn.Parameter(data, requires_grad=param.requires_grad)
             fresh.grad, param.grad = param.grad, None
             owner, _, leaf = name.rpartition(".")
             self.module.get_submodule(owner)._parameters[leaf] = fresh

@@ -1,0 +1,107 @@
+"""Deferred weight gradients: one large GEMM per batch instead of one small GEMM per micro-batch.
+
+The backward of ``y = x W^T + b`` computes ``dx = g W`` (needed at once: it goes to the previous
+stage) and ``dW = g^T x``. For a micro-batch of ``n`` rows, ``dW`` is a GEMM with inner dimension
+``n`` whose ``out x in`` result must then be added to ``W.grad``: with small micro-batches it is
+bound by writing that result, once per micro-batch. ``dW`` depends only on ``g`` and ``x``, not on
+the weights, so it can wait: the backward keeps ``(x, g)`` and the update computes
+``dW = G^T X`` once over all micro-batches of the batch (what a single-device step does), right
+before the optimizer runs. Exact for every policy (a weight version changes ``g`` and ``x``,
+which are already computed, not ``dW = g^T x``); only the order of the floating-point sum differs.
+
+Applied to layers of type exactly ``nn.Linear`` whose weight is a parameter (live or a stashed
+version), outside autocast; a layer run on computed weights (PipeMare's corrected weights) or
+under autocast takes the usual path.
+Cost: ``x`` and ``g`` of every micro-batch of the batch stay alive until the update (``x`` is
+kept for the backward anyway).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["DeferredWeightGrad"]
+
+
+class _LinearKeepingWeightGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Optional[Tensor], store: "DeferredWeightGrad",
+                layer: nn.Linear) -> Tensor:  # fmt: skip
+        ctx.save_for_backward(x, weight)
+        ctx.store, ctx.layer, ctx.has_bias = store, layer, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        x, weight = ctx.saved_tensors
+        ctx.store.keep(ctx.layer, x, grad)
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_b, None, None
+
+
+class DeferredWeightGrad:
+    """Defers the weight gradients of a stage's ``nn.Linear`` layers to :meth:`flush`.
+
+    Args:
+        module: the stage's layers.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.layers = [m for m in module.modules() if type(m) is nn.Linear]
+        self._kept: dict[nn.Linear, list[tuple[Tensor, Tensor]]] = {}
+        self._buffers: dict[tuple[Any, ...], Tensor] = {}
+        self.active = False
+        for layer in self.layers:
+            layer.forward = self._forward_of(layer)  # type: ignore[method-assign]
+
+    def _forward_of(self, layer: nn.Linear) -> Any:
+        def forward(x: Tensor) -> Tensor:
+            w = layer.weight
+            if (self.active and torch.is_grad_enabled() and isinstance(w, nn.Parameter) and w.requires_grad
+                    and not torch.is_autocast_enabled(x.device.type)):  # fmt: skip
+                return _LinearKeepingWeightGrad.apply(x, w, layer.bias, self, layer)
+            return F.linear(x, w, layer.bias)
+
+        return forward
+
+    def keep(self, layer: nn.Linear, x: Tensor, grad: Tensor) -> None:
+        self._kept.setdefault(layer, []).append((x.detach(), grad.detach()))
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._kept)
+
+    def _buffer(self, key: tuple[Any, ...], like: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """A work buffer reused across steps (fresh large allocations cost page faults every step)."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
+    def flush(self) -> None:
+        """Add ``G^T X`` of everything kept to each layer's live ``weight.grad``."""
+        for i, (layer, items) in enumerate(self._kept.items()):
+            xs_list = [x.reshape(-1, x.shape[-1]) for x, _ in items]
+            gs_list = [g.reshape(-1, g.shape[-1]) for _, g in items]
+            rows = sum(x.shape[0] for x in xs_list)
+            xs = torch.cat(xs_list, out=self._buffer(("x", i), xs_list[0], (rows, xs_list[0].shape[1])))
+            gs = torch.cat(gs_list, out=self._buffer(("g", i), gs_list[0], (rows, gs_list[0].shape[1])))
+            weight = layer.weight
+            if weight.grad is None:
+                weight.grad = torch.mm(gs.t(), xs, out=self._buffer(("w", i), weight, tuple(weight.shape)))
+            else:
+                weight.grad.addmm_(gs.t(), xs)
+        self._kept.clear()
+
+    def remove(self) -> None:
+        """Give the layers their own ``forward`` back."""
+        for layer in self.layers:
+            if "forward" in vars(layer):
+                del layer.forward
+        self._kept.clear()
+        self._buffers.clear()

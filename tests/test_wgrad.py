@@ -1,0 +1,108 @@
+"""Deferred weight gradients equal autograd's, for live and stashed weights, and step aside where
+they do not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lightning_asyncpipe.wgrad import DeferredWeightGrad
+
+
+def _stage() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
+
+
+def _micro_batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(3, 4, 6, generator=g) for _ in range(3)]  # 3-d inputs, as in a transformer
+
+
+def _reference_grads(inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    model = _stage()
+    for x in inputs:
+        model(x).pow(2).mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_deferred_weight_grads_equal_autograd() -> None:
+    inputs = _micro_batches()
+    model = _stage()
+    deferral = DeferredWeightGrad(model)
+    deferral.active = True
+    for x in inputs:
+        model(x.requires_grad_()).pow(2).mean().backward()
+    assert deferral.pending and model[0].weight.grad is None and model[2].weight.grad is None  # really deferred
+    assert model[0].bias.grad is not None  # biases take the usual path
+    deferral.flush()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, _reference_grads(inputs)[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert not deferral.pending
+
+
+def test_flush_adds_to_existing_gradients_and_reuses_buffers() -> None:
+    inputs = _micro_batches()
+    model = _stage()
+    deferral = DeferredWeightGrad(model)
+    deferral.active = True
+    model(inputs[0]).pow(2).mean().backward()
+    deferral.flush()
+    first = model[0].weight.grad
+    for x in inputs[1:]:
+        model(x).pow(2).mean().backward()
+    deferral.flush()
+    assert model[0].weight.grad is first  # accumulated in place
+    torch.testing.assert_close(model[0].weight.grad, _reference_grads(inputs)["0.weight"], rtol=1e-6, atol=1e-7)
+    model.zero_grad(set_to_none=True)
+    model(inputs[0]).pow(2).mean().backward()
+    deferral.flush()
+    assert model[0].weight.grad.data_ptr() == first.data_ptr()  # the work buffer is reused
+    torch.testing.assert_close(model[0].weight.grad, _reference_grads(inputs[:1])["0.weight"], rtol=1e-6, atol=1e-7)
+
+
+def test_stashed_weights_defer_into_the_live_layer() -> None:
+    """A forward on a stashed version (functional_call with other Parameters): the weight
+    gradient ``g^T x`` does not depend on the version and lands on the live weights."""
+    inputs = _micro_batches()
+    model = _stage()
+    stashed = {n: nn.Parameter(p.detach().clone()) for n, p in model.named_parameters()}
+    deferral = DeferredWeightGrad(model)
+    deferral.active = True
+    for x in inputs:
+        functional_call(model, stashed, (x,)).pow(2).mean().backward()
+    assert stashed["0.weight"].grad is None and stashed["0.bias"].grad is not None
+    deferral.flush()
+    torch.testing.assert_close(model[0].weight.grad, _reference_grads(inputs)["0.weight"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", ["inactive", "computed-weights", "autocast", "no-grad"])
+def test_usual_path_where_deferral_does_not_apply(case: str) -> None:
+    x = _micro_batches()[0]
+    model = _stage()
+    deferral = DeferredWeightGrad(model)
+    deferral.active = case != "inactive"
+    if case == "computed-weights":  # PipeMare's corrected weights: a function of the live ones
+        weights = {n: p * 1.0 for n, p in model.named_parameters()}
+        functional_call(model, weights, (x,)).pow(2).mean().backward()
+    elif case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x).float().pow(2).mean().backward()
+    elif case == "no-grad":
+        with torch.no_grad():
+            model(x)
+    else:
+        model(x).pow(2).mean().backward()
+    assert not deferral.pending
+    if case != "no-grad":
+        assert model[0].weight.grad is not None
+
+
+def test_remove_gives_the_layers_their_forward_back() -> None:
+    model = _stage()
+    deferral = DeferredWeightGrad(model)
+    assert "forward" in vars(model[0])
+    deferral.remove()
+    assert "forward" not in vars(model[0]) and "forward" not in vars(model[2])
