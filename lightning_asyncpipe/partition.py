@@ -4,6 +4,9 @@
 
 - ``"uniform"``: the same number of layers per stage (the first stages take the remainder);
 - ``"parameters"``: contiguous stages that minimise the largest parameter count of a stage;
+- ``"time"`` / ``"memory"``: contiguous stages that minimise the slowest (largest) stage, from
+  each layer's measured forward + backward time (memory) on the stage's device; the strategy
+  measures them (:mod:`lightning_asyncpipe.profiling`) and passes the resulting counts here;
 - a list of layer counts, one per stage, e.g. ``[3, 2, 2]``.
 
 Layers keep their original names, so the local stage's ``state_dict`` keys are the same as the
@@ -27,6 +30,7 @@ from lightning_asyncpipe.errors import AsyncPipeError, BalanceError, PipelineCon
 
 __all__ = [
     "Balance",
+    "MEASURED_BALANCES",
     "StageModule",
     "Partition",
     "find_sequential",
@@ -38,7 +42,9 @@ __all__ = [
     "computing",
 ]
 
-Balance = Union[Literal["uniform", "parameters"], Sequence[int]]
+Balance = Union[Literal["uniform", "parameters", "time", "memory"], Sequence[int]]
+MEASURED_BALANCES = ("time", "memory")
+"""Balances computed from a profile of the layers (resolved to counts before partitioning)."""
 
 
 class StageModule(nn.Sequential):
@@ -148,9 +154,18 @@ def check_parameters_inside(module: nn.Module, attr: str) -> None:
         )
 
 
-def balance_by_cost(costs: Sequence[float], n_stages: int) -> list[int]:
-    """Contiguous layer counts (each >= 1) minimising the largest per-stage sum of ``costs``."""
+def balance_by_cost(costs: Sequence[float], n_stages: int, has_parameters: Optional[Sequence[bool]] = None) -> list[int]:
+    """Contiguous layer counts (each >= 1) minimising the largest per-stage sum of ``costs``;
+    with ``has_parameters`` (per layer), every stage gets at least one layer with parameters
+    when possible (a stage without any would have nothing to optimize)."""
     n = len(costs)
+    if has_parameters is not None and sum(map(bool, has_parameters)) >= n_stages:
+        first_param = [0] * (n + 1)  # prefix count of layers with parameters
+        for i, h in enumerate(has_parameters):
+            first_param[i + 1] = first_param[i] + int(bool(h))
+        valid = lambda j, i: first_param[i] > first_param[j]  # noqa: E731
+    else:
+        valid = lambda j, i: True  # noqa: E731
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + float(c))
@@ -161,6 +176,8 @@ def balance_by_cost(costs: Sequence[float], n_stages: int) -> list[int]:
     for k in range(1, n_stages + 1):
         for i in range(k, n - (n_stages - k) + 1):
             for j in range(k - 1, i):
+                if not valid(j, i):
+                    continue
                 value = max(best[k - 1][j], prefix[i] - prefix[j])
                 if value < best[k][i]:
                     best[k][i], cut[k][i] = value, j
@@ -190,8 +207,14 @@ def compute_balance(layers: nn.Sequential, n_stages: int, balance: Balance) -> l
         if balance == "parameters":
             costs = [sum(p.numel() for p in layer.parameters()) for layer in layers]
             return balance_by_cost([max(c, 1) for c in costs], n_stages)
+        if balance in MEASURED_BALANCES:
+            raise BalanceError(
+                f"balance={balance!r} is measured: profile the layers (lightning_asyncpipe.profiling) and pass the "
+                "counts of balance_by_cost(layer_costs(...), n_stages); AsyncPipeStrategy does this at setup."
+            )
         raise BalanceError(
-            f"Unknown balance {balance!r}: use 'uniform', 'parameters' or a list of layer counts per stage."
+            f"Unknown balance {balance!r}: use 'uniform', 'parameters', 'time', 'memory' or a list of layer counts "
+            "per stage."
         )
     counts = [int(c) for c in balance]
     if len(counts) != n_stages or any(c < 1 for c in counts) or sum(counts) != n_layers:

@@ -53,14 +53,17 @@ from lightning_asyncpipe.metrics import PipelineMetrics
 from lightning_asyncpipe.microbatch import batch_size, microbatch_weights, split
 from lightning_asyncpipe.pipeline import StagePipeline
 from lightning_asyncpipe.partition import (
+    MEASURED_BALANCES,
     Balance,
     Partition,
+    balance_by_cost,
     check_parameters_inside,
     compute_balance,
     find_sequential,
     partition_module,
     restore_module,
 )
+from lightning_asyncpipe.profiling import layer_costs, profile_layers, sequential_input
 from lightning_asyncpipe.policies import WeightPolicy, available_policies, get_policy, policy_class
 from lightning_asyncpipe.policies.base import StepFn
 from lightning_asyncpipe.topology import Topology
@@ -88,7 +91,8 @@ class AsyncPipeStrategy(ParallelStrategy):
         policy: a registered policy name (``"gpipe"``, ``"pipedream_flush"``, ...).
         microbatches: micro-batches per batch; each batch is split along dim 0.
         stages: pipeline stages; default: all devices form one pipeline.
-        balance: ``"uniform"``, ``"parameters"`` or a list of layer counts per stage.
+        balance: ``"uniform"``, ``"parameters"``, ``"time"``, ``"memory"`` (measured at setup on
+            one micro-batch of ``example_input_array``) or a list of layer counts per stage.
         sequential: attribute name of the ``nn.Sequential`` to pipeline (found automatically when
             the module has exactly one).
         policy_options: keyword arguments for the policy.
@@ -172,6 +176,8 @@ class AsyncPipeStrategy(ParallelStrategy):
         self.pipeline_metrics = pipeline_metrics
         self.detect_anomaly = detect_anomaly
         self.defer_weight_grad = defer_weight_grad
+        self.measured_costs: Optional[list[float]] = None
+        self.resolved_balance: Optional[list[int]] = None
         self._metrics: Optional[PipelineMetrics] = None
         self._last_step_start: Optional[float] = None
         self.timeline: Optional[TimelineRecorder] = None
@@ -317,7 +323,11 @@ class AsyncPipeStrategy(ParallelStrategy):
             )
         attr = find_sequential(module, self.sequential)
         check_parameters_inside(module, attr)
-        compute_balance(getattr(module, attr), self.n_stages, self.balance)
+        if self.balance in MEASURED_BALANCES:
+            compute_balance(getattr(module, attr), self.n_stages, "uniform")  # enough layers?
+            sequential_input(module, getattr(module, attr), self.microbatches)  # an example to profile?
+        else:
+            compute_balance(getattr(module, attr), self.n_stages, self.balance)
 
     def _check_trainer(self, trainer: Trainer) -> None:
         name = type(self).__name__
@@ -342,7 +352,8 @@ class AsyncPipeStrategy(ParallelStrategy):
         self._check_trainer(trainer)
         self.accelerator.setup(trainer)
         topo = self.topology
-        self._partition = partition_module(module, topo.n_stages, self.stage, self.balance, self.sequential)
+        balance = self._measured_balance(module) if self.balance in MEASURED_BALANCES else self.balance
+        self._partition = partition_module(module, topo.n_stages, self.stage, balance, self.sequential)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -386,6 +397,27 @@ class AsyncPipeStrategy(ParallelStrategy):
         if overlap and trainer.state.fn == TrainerFn.FITTING and self.world_size > 1:
             self._sigterm_check = deferred_sigterm_check(trainer)
             trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = self._sigterm_check  # type: ignore[method-assign]
+
+    def _measured_balance(self, module: LightningModule) -> list[int]:
+        """``balance="time"`` / ``"memory"``: profile every layer on this rank's device, average the
+        costs over all ranks (so every rank partitions alike) and minimise the largest stage."""
+        layers = getattr(module, find_sequential(module, self.sequential))
+        sample = sequential_input(module, layers, self.microbatches)
+        costs = layer_costs(profile_layers(layers, sample, self.root_device), str(self.balance), self.microbatches,
+                            self.n_stages)  # fmt: skip
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, costs)
+        costs = [sum(c[i] for c in everyone) / len(everyone) for i in range(len(costs))]
+        counts = balance_by_cost(costs, self.n_stages, [any(True for _ in layer.parameters()) for layer in layers])
+        self.measured_costs, self.resolved_balance = costs, counts
+        unit, scale = ("ms", 1e3) if self.balance == "time" else ("MiB", 2**-20)
+        per_stage, i = [], 0
+        for n in counts:
+            per_stage.append(sum(costs[i : i + n]) * scale)
+            i += n
+        log.info(f"balance={self.balance!r}: layers per stage {counts}, cost per stage "
+                 f"{[round(c, 2) for c in per_stage]} {unit} (per micro-batch)")  # fmt: skip
+        return counts
 
     @override
     def setup_optimizers(self, trainer: Trainer) -> None:
