@@ -3,8 +3,9 @@
     python benchmarks/throughput.py            # full run: 5 warm-up + 20 timed steps, 3 repeats
     python benchmarks/throughput.py --quick    # a smoke run: 2 + 5 steps, 1 repeat
     python benchmarks/throughput.py --stages 4 # contention check (4 processes)
+    python benchmarks/throughput.py --model gpt  # the main job's character GPT (batch 32, 4 micro-batches)
 
-Writes ``benchmarks/results/throughput.json`` and ``benchmarks/results/throughput.md``.
+Writes ``benchmarks/results/throughput[_gpt][_<N>stages].{json,md}``.
 
 Contenders (one process per stage, ``torch.set_num_threads(1)`` and ``OMP_NUM_THREADS=1`` in each):
 
@@ -51,6 +52,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 POLICIES = ["gpipe", "pipedream_flush", "pipedream", "pipedream_2bw", "pipemare"]
 WIDTH, LAYERS, BATCH, MICROBATCHES, LR, MOMENTUM = 1024, 8, 256, 8, 1e-3, 0.9
+MODEL = os.environ.get("ASYNCPIPE_BENCH_MODEL", "mlp")  # set by --model; inherited by every worker
+GPT_CONTEXT = 64
+if MODEL == "gpt":  # the main job's character GPT (examples/chargpt.py) with its batch and micro-batches
+    BATCH, MICROBATCHES = 32, 4
 LAUNCH_TIMEOUT_S = 600
 
 
@@ -59,6 +64,11 @@ LAUNCH_TIMEOUT_S = 600
 
 def build_model() -> nn.Sequential:
     torch.manual_seed(0)
+    if MODEL == "gpt":
+        sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+        from chargpt import CharGPT
+
+        return CharGPT(n_layer=4, n_embd=128, block_size=GPT_CONTEXT).net
     layers: list[nn.Module] = []
     for i in range(LAYERS):
         layers.append(nn.Linear(WIDTH, WIDTH))
@@ -71,8 +81,17 @@ def make_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
 
 
+def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if MODEL == "gpt":
+        return F.cross_entropy(output.flatten(0, 1), target.flatten())
+    return F.mse_loss(output, target)
+
+
 def make_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
+    if MODEL == "gpt":
+        tokens = [torch.randint(0, 256, (BATCH, GPT_CONTEXT + 1), generator=g) for _ in range(n)]
+        return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
     return [(torch.randn(BATCH, WIDTH, generator=g), torch.randn(BATCH, WIDTH, generator=g)) for _ in range(n)]
 
 
@@ -128,7 +147,7 @@ def run_single(cfg: dict[str, Any]) -> dict[str, Any]:
 
         def step(x: torch.Tensor, y: torch.Tensor) -> None:
             opt.zero_grad(set_to_none=True)
-            F.mse_loss(model(x), y).backward()
+            loss_fn(model(x), y).backward()
             opt.step()
 
         times.append(_timed(step, batches, cfg["warmup"], cfg["steps"]))
@@ -148,7 +167,7 @@ def run_torch_pp(rank: int, n_stages: int, cfg: dict[str, Any], schedule_name: s
         sub = nn.Sequential(*list(full)[start:start + counts[rank]])
         del full
         stage = PipelineStage(sub, rank, n_stages, torch.device("cpu"))
-        schedule = schedule_cls(stage, n_microbatches=MICROBATCHES, loss_fn=F.mse_loss)
+        schedule = schedule_cls(stage, n_microbatches=MICROBATCHES, loss_fn=loss_fn)
         opt = make_optimizer(sub.parameters())
 
         def step(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -174,7 +193,7 @@ def run_engine(rank: int, n_stages: int, cfg: dict[str, Any], policy: str) -> di
     batches = make_batches(cfg["warmup"] + cfg["steps"])
     times, stashed = [], 0
     for _ in range(cfg["repeats"]):
-        engine = PipelineEngine(build_model(), n_stages, policy, MICROBATCHES, make_optimizer, F.mse_loss,
+        engine = PipelineEngine(build_model(), n_stages, policy, MICROBATCHES, make_optimizer, loss_fn,
                                 groups=groups)  # fmt: skip
         times.append(_timed(engine.train_step, batches, cfg["warmup"], cfg["steps"], finish=engine.drain))
         stashed = max(stashed, int(engine.policy.report().peak_stashed_bytes))
@@ -229,7 +248,7 @@ def lightning_worker(argv: list[str]) -> None:
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
-            return F.mse_loss(self(x), y)
+            return loss_fn(self(x), y)
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return make_optimizer(self.parameters())
@@ -357,8 +376,10 @@ def fmt(x: Optional[float], spec: str) -> str:
 
 
 def markdown(results: list[dict[str, Any]], cfg: dict[str, Any], meta: dict[str, Any]) -> str:
+    model = (f"character GPT (examples/chargpt.py: 4 blocks, n_embd 128, context {GPT_CONTEXT}), cross-entropy"
+             if MODEL == "gpt" else f"MLP, {LAYERS} x Linear({WIDTH}, {WIDTH}) with ReLU, MSE")
     lines = [
-        f"Model: MLP, {LAYERS} x Linear({WIDTH}, {WIDTH}) with ReLU, MSE, SGD lr {LR} momentum {MOMENTUM}; batch {BATCH}, "
+        f"Model: {model}, SGD lr {LR} momentum {MOMENTUM}; batch {BATCH} ({'sequences' if MODEL == 'gpt' else 'samples'}), "
         f"{MICROBATCHES} micro-batches, {cfg['stages']} stages. {cfg['warmup']} warm-up + {cfg['steps']} timed steps, "
         f"median of {cfg['repeats']} repeat(s). {meta['cpus']} CPUs, torch {meta['torch']}, gloo.",
         "",
@@ -387,7 +408,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--only", default=None, help="comma-separated substrings of contender names to run")
     p.add_argument("--out", default=RESULTS, help="output directory")
+    p.add_argument("--model", choices=["mlp", "gpt"], default="mlp")
     a = p.parse_args()
+    if a.model != MODEL:  # the module-level model constants follow the environment: re-run with it set
+        env = {**os.environ, "ASYNCPIPE_BENCH_MODEL": a.model}
+        sys.exit(subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env).returncode)
+    name = "throughput" + ("_gpt" if MODEL == "gpt" else "") + ("" if a.stages == 2 else f"_{a.stages}stages")
     cfg = {
         "stages": a.stages,
         "warmup": a.warmup if a.warmup is not None else (2 if a.quick else 5),
@@ -428,15 +454,15 @@ def main() -> None:
             r["vs_a"] = r["samples_per_s"] / base if base else None
             r["vs_best_c"] = r["samples_per_s"] / best_c if best_c else None
     total = time.perf_counter() - started
-    with open(os.path.join(a.out, "throughput.json"), "w") as f:
-        json.dump({"config": cfg, "meta": meta, "model": {"width": WIDTH, "linear_layers": LAYERS, "batch": BATCH,
+    with open(os.path.join(a.out, f"{name}.json"), "w") as f:
+        json.dump({"config": cfg, "meta": meta, "model": {"name": MODEL, "width": WIDTH, "linear_layers": LAYERS, "batch": BATCH,
                    "microbatches": MICROBATCHES, "lr": LR, "momentum": MOMENTUM}, "total_s": total,
                    "results": results}, f, indent=1)  # fmt: skip
     table = markdown(results, cfg, meta)
-    with open(os.path.join(a.out, "throughput.md"), "w") as f:
+    with open(os.path.join(a.out, f"{name}.md"), "w") as f:
         f.write(table)
     print(table)
-    print(f"total {total:.0f} s; wrote {a.out}/throughput.json and throughput.md")
+    print(f"total {total:.0f} s; wrote {a.out}/{name}.json and {name}.md")
 
 
 if __name__ == "__main__":
