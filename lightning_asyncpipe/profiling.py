@@ -56,9 +56,14 @@ def _prepare(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return tuple(t.detach().requires_grad_(t.is_floating_point()) for t in inputs)
 
 
-def profile_layers(layers: nn.Sequential, sample: Sequence[Tensor], device: torch.device,
-                   repeats: int = 3) -> list[LayerProfile]:  # fmt: skip
+def profile_layers(layers: nn.Sequential, sample: Sequence[Tensor], device: torch.device, repeats: int = 3,
+                   microbatches: int = 1, defer_weight_grad: bool = False) -> list[LayerProfile]:  # fmt: skip
     """Profile every layer of ``layers`` on ``sample`` (the Sequential's input for one micro-batch).
+
+    With ``defer_weight_grad`` the layers' ``nn.Linear`` weight gradients are deferred as in
+    training (:mod:`lightning_asyncpipe.wgrad`): the backward time is the input-gradient pass
+    plus a ``1/microbatches`` share of the once-per-batch weight-gradient GEMM, timed over
+    ``microbatches`` copies of the micro-batch.
 
     Each layer is moved to ``device`` for its measurement and back afterwards; its weights,
     gradients, buffers (BatchNorm statistics) and the random state are left as they were.
@@ -67,16 +72,22 @@ def profile_layers(layers: nn.Sequential, sample: Sequence[Tensor], device: torc
     x = tuple(t.to(device) for t in sample)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for layer in layers:
-            profile, x = _profile_layer(layer, x, device, repeats)
+            profile, x = _profile_layer(layer, x, device, repeats, microbatches if defer_weight_grad else 0)
             profiles.append(profile)
     return profiles
 
 
-def _profile_layer(layer: nn.Module, x: tuple[Tensor, ...], device: torch.device,
-                   repeats: int) -> tuple[LayerProfile, tuple[Tensor, ...]]:  # fmt: skip
-    """One layer's profile, and its output (the next layer's input)."""
+def _profile_layer(layer: nn.Module, x: tuple[Tensor, ...], device: torch.device, repeats: int,
+                   deferred_over: int) -> tuple[LayerProfile, tuple[Tensor, ...]]:  # fmt: skip
+    """One layer's profile, and its output (the next layer's input); ``deferred_over > 0``: with
+    deferred weight gradients, flushed over that many micro-batches."""
+    from lightning_asyncpipe.wgrad import DeferredWeightGrad
+
     home = next((p.device for p in layer.parameters()), device)
     layer.to(device)
+    deferral = DeferredWeightGrad(layer) if deferred_over > 0 else None
+    if deferral is not None:
+        deferral.active = True
     grads = {p: p.grad for p in layer.parameters()}
     buffers = {n: b.detach().clone() for n, b in layer.named_buffers()}
     weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
@@ -99,12 +110,22 @@ def _profile_layer(layer: nn.Module, x: tuple[Tensor, ...], device: torch.device
         outs = [t for t in _as_tuple(out) if isinstance(t, Tensor) and t.requires_grad]
         if outs:
             torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+        not_ours = 0.0
+        if deferral is not None and deferral.pending:
+            deferral.repeat_kept(deferred_over)  # the weight-gradient GEMM of a whole batch ...
+            _sync(device)
+            flush_start = time.perf_counter()
+            deferral.flush()
+            _sync(device)
+            not_ours = (time.perf_counter() - flush_start) * (1 - 1 / deferred_over)  # ... a 1/m share of it
         _sync(device)
         end = time.perf_counter()
         if r > 0:  # the first run warms up allocators and kernels
             fwd.append(middle - start)
-            bwd.append(end - middle if outs else 0.0)
+            bwd.append(end - middle - not_ours if outs else 0.0)
             saved_bytes = counted[0]
+    if deferral is not None:
+        deferral.remove()
     for p, g in grads.items():
         p.grad = g
     with torch.no_grad():

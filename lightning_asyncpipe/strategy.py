@@ -403,8 +403,9 @@ class AsyncPipeStrategy(ParallelStrategy):
         costs over all ranks (so every rank partitions alike) and minimise the largest stage."""
         layers = getattr(module, find_sequential(module, self.sequential))
         sample = sequential_input(module, layers, self.microbatches)
-        costs = layer_costs(profile_layers(layers, sample, self.root_device), str(self.balance), self.microbatches,
-                            self.n_stages)  # fmt: skip
+        profiles = profile_layers(layers, sample, self.root_device, microbatches=self.microbatches,
+                                  defer_weight_grad=self.defer_weight_grad)  # fmt: skip
+        costs = layer_costs(profiles, str(self.balance), self.microbatches, self.n_stages)
         everyone: list[Any] = [None] * self.world_size
         dist.all_gather_object(everyone, costs)
         costs = [sum(c[i] for c in everyone) / len(everyone) for i in range(len(costs))]

@@ -72,6 +72,11 @@ class DeferredWeightGrad:
     def keep(self, layer: nn.Linear, x: Tensor, grad: Tensor) -> None:
         self._kept.setdefault(layer, []).append((x.detach(), grad.detach()))
 
+    def repeat_kept(self, times: int) -> None:
+        """Keep everything kept so far ``times`` times (profiling a whole batch's flush)."""
+        for layer, items in self._kept.items():
+            self._kept[layer] = items * times
+
     @property
     def pending(self) -> bool:
         return bool(self._kept)
