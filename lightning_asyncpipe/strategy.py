@@ -388,9 +388,11 @@ class AsyncPipeStrategy(ParallelStrategy):
         self._drain_before_validation_zero_grad(module)
         self._metrics = PipelineMetrics(topo.n_stages, stage, self._groups.pipeline) if self.pipeline_metrics else None
         self._last_step_start = None
-        # Asynchronous policies must not wait for the last stage at step boundaries. (With several
-        # replicas `sync_dist` logs need every rank to log in the same step: keep it blocking.)
-        overlap = not self._policy.synchronous and topo.n_replicas == 1
+        # No stage waits for the last one at step boundaries: asynchronous policies would get their
+        # bubble back, and even synchronous ones pay for it (a blocking hand-off made the last stage
+        # of pipedream_flush wait ~10 ms a step for stage 0's update; benchmarks/overhead.py). With
+        # several replicas `sync_dist` logs need every rank to log in the same step: keep it blocking.
+        overlap = topo.n_replicas == 1
         self._handoff = StepHandoff(topo.pipeline_ranks(replica), self.global_rank, self._groups.pipeline,
                                     deferred=overlap, device=self.root_device)  # fmt: skip
         self._sigterm_check = None

@@ -1,0 +1,184 @@
+"""Lightning's overhead over the raw engine, measured inside the runs rather than end to end.
+
+    python benchmarks/overhead.py                      # pipedream_2bw and pipedream_flush, MLP, 2 stages
+    python benchmarks/overhead.py --policies gpipe --steps 40
+
+End-to-end samples/s on a shared 2-core host moves by 5-15 % between runs, more than the overhead
+to be measured. Here both runs record, per stage and per step, the wall time of the step and the
+time spent inside pipeline actions (forward, backward, update; from the executor's timings): the
+time *outside* actions is what the code around the actions costs (the engine's or Lightning's
+loop, the strategy's hand-off of logs and outputs, posting receives). The overhead of Lightning is
+the difference of that outside time on the bottleneck stage, as a share of the engine's step.
+Writes ``benchmarks/results/overhead.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from throughput import BATCH, MICROBATCHES, build_model, loss_fn, make_batches, make_optimizer  # noqa: E402
+
+WARMUP = 5
+
+
+def _summary(stage: int, step_s: list[float], busy_s: list[float]) -> dict[str, Any]:
+    step, busy = statistics.median(step_s), statistics.median(busy_s)
+    return {"stage": stage, "step_ms": 1e3 * step, "actions_ms": 1e3 * busy, "outside_ms": 1e3 * (step - busy)}
+
+
+def engine_worker(rank: int, world: int, port: int, policy: str, steps: int, out: str) -> None:
+    from lightning_asyncpipe.comm import PipelineGroups
+    from lightning_asyncpipe.engine import PipelineEngine
+    from lightning_asyncpipe.topology import Topology
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    engine = PipelineEngine(build_model(), world, policy, MICROBATCHES, make_optimizer, loss_fn,
+                            groups=PipelineGroups(Topology(world, world), rank))  # fmt: skip
+    step_s, busy_s = [], []
+    for i, (x, y) in enumerate(make_batches(WARMUP + steps)):
+        start = time.perf_counter()
+        engine.train_step(x, y)
+        if i >= WARMUP:
+            step_s.append(time.perf_counter() - start)
+            busy_s.append(sum(t.end - t.start for t in engine.last_timings))
+    engine.drain()
+    with open(f"{out}.engine.rank{rank}.json", "w") as f:
+        json.dump(_summary(engine.stage, step_s, busy_s), f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def lightning_worker(policy: str, steps: int, out: str) -> None:
+    import lightning as L
+    from torch.utils.data import DataLoader, Dataset
+
+    from lightning_asyncpipe import AsyncPipeStrategy
+    from lightning_asyncpipe.trace import TimelineRecorder
+
+    torch.set_num_threads(1)
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = build_model()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return loss_fn(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return make_optimizer(self.parameters())
+
+    class Batches(Dataset):
+        def __init__(self, n: int) -> None:
+            self.batches = make_batches(n)
+
+        def __len__(self) -> int:
+            return len(self.batches)
+
+        def __getitem__(self, i: int) -> Any:
+            return self.batches[i]
+
+    class Probe(L.Callback):
+        starts: list[float] = []
+
+        def on_train_start(self, trainer: Any, module: Any) -> None:
+            s = trainer.strategy
+            s.timeline = TimelineRecorder(s.stage, first_step=WARMUP, n_steps=steps - 1)
+
+        def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+            self.starts.append(time.perf_counter())
+
+        def on_train_end(self, trainer: Any, module: Any) -> None:
+            s = trainer.strategy
+            busy: dict[int, float] = {}
+            for e in s.timeline.events:
+                busy[e.step] = busy.get(e.step, 0.0) + e.end - e.start
+            step_s = [self.starts[k + 1] - self.starts[k] for k in sorted(busy)]
+            with open(f"{out}.lightning.rank{trainer.global_rank}.json", "w") as f:
+                json.dump(_summary(s.stage, step_s, [busy[k] for k in sorted(busy)]), f)
+
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, max_steps=WARMUP + steps, logger=False, enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False, callbacks=[Probe()],
+        strategy=AsyncPipeStrategy(policy=policy, microbatches=MICROBATCHES, pipeline_metrics=False),
+    )  # fmt: skip
+    trainer.fit(Module(), DataLoader(Batches(WARMUP + steps), batch_size=None))
+
+
+def _collect(prefix: str) -> list[dict[str, Any]]:
+    parts = []
+    for rank in range(2):
+        with open(f"{prefix}.rank{rank}.json") as f:
+            parts.append(json.load(f))
+        os.remove(f"{prefix}.rank{rank}.json")
+    return sorted(parts, key=lambda p: p["stage"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policies", default="pipedream_2bw,pipedream_flush")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--lightning-worker", default=None)
+    p.add_argument("--prefix", default=None)
+    a = p.parse_args()
+    if a.lightning_worker:
+        lightning_worker(a.lightning_worker, a.steps, a.prefix)
+        return
+    import torch.multiprocessing as mp
+
+    os.makedirs(a.out, exist_ok=True)
+    rows = []
+    for policy in a.policies.split(","):
+        prefix = os.path.join(a.out, f".overhead-{policy}")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.start_processes(engine_worker, args=(2, port, policy, a.steps, prefix), nprocs=2, start_method="spawn")
+        env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--lightning-worker", policy, "--steps",
+                        str(a.steps), "--prefix", prefix], env=env, check=True, timeout=600,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        engine, lightning = _collect(prefix + ".engine"), _collect(prefix + ".lightning")
+        for e, lt in zip(engine, lightning):
+            rows.append({"policy": policy, "stage": e["stage"], "engine": e, "lightning": lt})
+    lines = [
+        f"MLP (benchmarks/throughput.py), batch {BATCH}, {MICROBATCHES} micro-batches, 2 stages, one thread per process; "
+        f"medians over {a.steps} steps after {WARMUP} warm-up steps.",
+        "",
+        "| policy | stage | engine step | engine outside actions | Lightning step | Lightning outside actions | "
+        "Lightning's extra outside time, share of the engine's step |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        e, lt = r["engine"], r["lightning"]
+        extra = lt["outside_ms"] - e["outside_ms"]
+        r["extra_share"] = extra / e["step_ms"]
+        lines.append(f"| {r['policy']} | {r['stage']} | {e['step_ms']:.1f} ms | {e['outside_ms']:.1f} ms | "
+                     f"{lt['step_ms']:.1f} ms | {lt['outside_ms']:.1f} ms | {extra:+.1f} ms ({100 * r['extra_share']:+.1f} %) |")  # fmt: skip
+    with open(os.path.join(a.out, "overhead.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(a.out, "overhead.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
