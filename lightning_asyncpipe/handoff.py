@@ -1,11 +1,14 @@
 """Handing the last stage's step output and ``self.log`` records to the other stages.
 
 Every stage replays the last stage's log records, so ``callback_metrics`` agree on every rank.
-Synchronous policies end each step with an empty pipeline anyway, so a blocking broadcast costs
-nothing. Asynchronous ones must not wait: stage 0 finishes step ``k`` while the last stage still
-works on the step's last micro-batches, and a blocking hand-off would put the bubble back. There
-the last stage sends each step's payload with non-blocking point-to-point messages, and the other
-stages collect it one step later (when it has certainly been sent) or at a drain (:meth:`flush`).
+No stage should wait for another at a step boundary: with asynchronous policies stage 0 finishes
+step ``k`` while the last stage still works on the step's last micro-batches (a blocking hand-off
+would put the bubble back), and even with synchronous ones a blocking broadcast made the last
+stage wait for stage 0's update every step (measured: about 10 ms of a 120 ms step). So the last
+stage sends each step's payload with non-blocking point-to-point messages, and the other stages
+collect it one step later (when it has certainly been sent) or at a drain (:meth:`flush`). With
+several replicas the strategy keeps the blocking broadcast (``sync_dist`` logs need every rank
+to log in the same step).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class StepHandoff:
         ranks: global ranks of the replica's stages, stage order (the last one sends).
         rank: this process's global rank.
         group: the replica's process group.
-        deferred: collect payloads one step late (asynchronous policies) instead of broadcasting.
+        deferred: collect payloads one step late instead of broadcasting.
         device: where the collectives' tensors live (CUDA under NCCL).
     """
 
