@@ -38,9 +38,10 @@ from throughput import BATCH, MICROBATCHES, build_model, loss_fn, make_batches, 
 WARMUP = 5
 
 
-def _summary(stage: int, step_s: list[float], busy_s: list[float]) -> dict[str, Any]:
+def _summary(stage: int, step_s: list[float], busy_s: list[float], kinds: dict[str, float], n: int) -> dict[str, Any]:
     step, busy = statistics.median(step_s), statistics.median(busy_s)
-    return {"stage": stage, "step_ms": 1e3 * step, "actions_ms": 1e3 * busy, "outside_ms": 1e3 * (step - busy)}
+    return {"stage": stage, "step_ms": 1e3 * step, "actions_ms": 1e3 * busy, "outside_ms": 1e3 * (step - busy),
+            "per_kind_ms": {k: round(1e3 * v / n, 2) for k, v in kinds.items()}}  # fmt: skip
 
 
 def engine_worker(rank: int, world: int, port: int, policy: str, steps: int, out: str) -> None:
@@ -52,16 +53,18 @@ def engine_worker(rank: int, world: int, port: int, policy: str, steps: int, out
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     engine = PipelineEngine(build_model(), world, policy, MICROBATCHES, make_optimizer, loss_fn,
                             groups=PipelineGroups(Topology(world, world), rank))  # fmt: skip
-    step_s, busy_s = [], []
+    step_s, busy_s, kinds = [], [], {}
     for i, (x, y) in enumerate(make_batches(WARMUP + steps)):
         start = time.perf_counter()
         engine.train_step(x, y)
         if i >= WARMUP:
             step_s.append(time.perf_counter() - start)
             busy_s.append(sum(t.end - t.start for t in engine.last_timings))
+            for t in engine.last_timings:
+                kinds[t.action.kind.name] = kinds.get(t.action.kind.name, 0.0) + t.end - t.start
     engine.drain()
     with open(f"{out}.engine.rank{rank}.json", "w") as f:
-        json.dump(_summary(engine.stage, step_s, busy_s), f)
+        json.dump(_summary(engine.stage, step_s, busy_s, kinds, steps), f)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -109,11 +112,13 @@ def lightning_worker(policy: str, steps: int, out: str) -> None:
         def on_train_end(self, trainer: Any, module: Any) -> None:
             s = trainer.strategy
             busy: dict[int, float] = {}
+            kinds: dict[str, float] = {}
             for e in s.timeline.events:
                 busy[e.step] = busy.get(e.step, 0.0) + e.end - e.start
+                kinds[e.kind] = kinds.get(e.kind, 0.0) + e.end - e.start
             step_s = [self.starts[k + 1] - self.starts[k] for k in sorted(busy)]
             with open(f"{out}.lightning.rank{trainer.global_rank}.json", "w") as f:
-                json.dump(_summary(s.stage, step_s, [busy[k] for k in sorted(busy)]), f)
+                json.dump(_summary(s.stage, step_s, [busy[k] for k in sorted(busy)], kinds, len(busy)), f)
 
     trainer = L.Trainer(
         accelerator="cpu", devices=2, max_steps=WARMUP + steps, logger=False, enable_progress_bar=False,
