@@ -44,7 +44,52 @@ def _report(message: str) -> None:
     sys.stderr.flush()
 
 
-class ChildWatch(threading.Thread):
+class _Watch(threading.Thread):
+    """Polls for a lost process; reports it; ends this process if it does not stop by itself."""
+
+    def __init__(self, name: str, grace: float, interval: float) -> None:
+        super().__init__(name=name, daemon=True)
+        self.grace, self.interval = grace, interval
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+
+    def _report_lost(self) -> bool:
+        """Report what was lost (once); whether anything was."""
+        raise NotImplementedError
+
+    def _finished(self) -> bool:
+        """Nothing left to watch."""
+        return False
+
+    def _give_up(self) -> None:
+        """This process did not stop within ``grace`` after the loss."""
+        os._exit(1)
+
+    def stop(self, failed: bool = False) -> None:
+        """Stop watching; ``failed``: this process is failing, so first report a loss (usually the
+        reason), waiting a moment for it: a killed process's connections close a little before
+        its exit status can be seen."""
+        with self._lock:
+            if failed and not self._stopped.is_set():
+                for _ in range(10):
+                    if self._report_lost():
+                        break
+                    time.sleep(0.1)
+            self._stopped.set()
+
+    def run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            with self._lock:
+                lost = not self._stopped.is_set() and self._report_lost()
+            if lost:
+                if not self._stopped.wait(self.grace):
+                    self._give_up()
+                return
+            if self._finished():
+                return
+
+
+class ChildWatch(_Watch):
     """Watches the main process's children (see the module docstring).
 
     Args:
@@ -56,26 +101,11 @@ class ChildWatch(threading.Thread):
 
     def __init__(self, procs: Sequence[tuple[int, subprocess.Popen]], describe: Callable[[int], str],
                  grace: float = 20.0, interval: float = 0.5) -> None:  # fmt: skip
-        super().__init__(name="asyncpipe-child-watch", daemon=True)
-        self.procs, self.describe, self.grace, self.interval = list(procs), describe, grace, interval
-        self._stopped = threading.Event()
-        self._lock = threading.Lock()
+        super().__init__("asyncpipe-child-watch", grace, interval)
+        self.procs, self.describe = list(procs), describe
         self._reported: set[int] = set()
 
-    def stop(self, failed: bool = False) -> None:
-        """Stop watching; ``failed``: the main process is failing, first report the children lost
-        before it (their loss is usually the reason) and not the ones it is about to kill."""
-        with self._lock:
-            if failed and not self._stopped.is_set():
-                # a killed child's connections close a moment before its exit status is reaped
-                for _ in range(10):
-                    if self.report_lost():
-                        break
-                    time.sleep(0.1)
-            self._stopped.set()
-
-    def report_lost(self) -> bool:
-        """Report children that ended with a non-zero status (once each); whether there were any."""
+    def _report_lost(self) -> bool:
         lost = False
         for rank, proc in self.procs:
             code = proc.poll()
@@ -87,23 +117,18 @@ class ChildWatch(threading.Thread):
                             "stopping every stage of the job.")  # fmt: skip
         return lost
 
-    def run(self) -> None:
-        while not self._stopped.wait(self.interval):
-            with self._lock:
-                lost = not self._stopped.is_set() and self.report_lost()
-            if lost:
-                if not self._stopped.wait(self.grace):
-                    _report(f"the main process did not stop within {self.grace:.0f} s; killing the other stages.")
-                    for _, proc in self.procs:
-                        if proc.poll() is None:
-                            proc.kill()
-                    os._exit(1)
-                return
-            if all(proc.poll() is not None for _, proc in self.procs):
-                return
+    def _finished(self) -> bool:
+        return all(proc.poll() is not None for _, proc in self.procs)
+
+    def _give_up(self) -> None:
+        _report(f"the main process did not stop within {self.grace:.0f} s; killing the other stages.")
+        for _, proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        os._exit(1)
 
 
-class ParentWatch(threading.Thread):
+class ParentWatch(_Watch):
     """Watches, from a child, the main process that started it (see the module docstring).
 
     Args:
@@ -116,23 +141,9 @@ class ParentWatch(threading.Thread):
 
     def __init__(self, parent_pid: int, describe_parent: str, describe_self: str, grace: float = 10.0,
                  interval: float = 0.5) -> None:  # fmt: skip
-        super().__init__(name="asyncpipe-parent-watch", daemon=True)
-        self.parent_pid, self.grace, self.interval = parent_pid, grace, interval
-        self.describe_parent, self.describe_self = describe_parent, describe_self
-        self._stopped = threading.Event()
-        self._lock = threading.Lock()
+        super().__init__("asyncpipe-parent-watch", grace, interval)
+        self.parent_pid, self.describe_parent, self.describe_self = parent_pid, describe_parent, describe_self
         self._reported = False
-
-    def stop(self, failed: bool = False) -> None:
-        """Stop watching; ``failed``: this process is failing, first report whether the main
-        process was lost (usually the reason)."""
-        with self._lock:
-            if failed and not self._stopped.is_set():
-                for _ in range(10):  # its connections close a moment before this process is re-parented
-                    if self._report_lost():
-                        break
-                    time.sleep(0.1)
-            self._stopped.set()
 
     def _report_lost(self) -> bool:
         if os.getppid() == self.parent_pid:
@@ -142,12 +153,3 @@ class ParentWatch(threading.Thread):
             _report(f"the main process, {self.describe_parent}, pid {self.parent_pid}, ended unexpectedly; "
                     f"stopping {self.describe_self}.")  # fmt: skip
         return True
-
-    def run(self) -> None:
-        while not self._stopped.wait(self.interval):
-            with self._lock:
-                lost = not self._stopped.is_set() and self._report_lost()
-            if lost:
-                if not self._stopped.wait(self.grace):
-                    os._exit(1)
-                return
