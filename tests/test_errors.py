@@ -176,3 +176,15 @@ def test_bad_input_fails_clearly_and_ends_every_process(mode: str, tmp_path) -> 
 def test_2bw_with_too_few_microbatches_fails_before_launch() -> None:
     message = _fit_fails(SeqRegressor(), devices=2, policy="pipedream_2bw", microbatches=1)
     assert "Use microbatches >= 2" in message
+
+
+@pytest.mark.multiprocess
+def test_timeout_is_configurable_and_ends_a_stalled_pipeline() -> None:
+    """timeout=15 s (as DDPStrategy's ``timeout``): stage 0 hangs for 120 s, the last stage gives up
+    waiting for its activations after 15 s and the job ends, naming the stage it waited for."""
+    token = uuid.uuid4().hex
+    result = run_script("fit_faulty.py", "stall", token, timeout=90)
+    assert result.returncode != 0
+    assert "StageFailure: The transfer with stage 0 (rank 1) failed" in result.output, result.output[-3000:]
+    assert result.elapsed < 60, f"took {result.elapsed:.0f} s: the 15 s timeout did not apply"
+    assert not leftover_processes(token)

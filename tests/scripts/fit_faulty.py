@@ -7,12 +7,15 @@ Usage: python fit_faulty.py MODE TOKEN
         Bad input: unsplittable (batches are plain objects), small-batch (a batch of 8 with 16
         micro-batches), ragged (stage 0's output length depends on the data), dict-between-stages,
         detached (stage 0's output does not require grad), 2bw-few-microbatches, pb-adamw,
-        other-model-checkpoint (ckpt_path written for a model of another width)
+        other-model-checkpoint (ckpt_path written for a model of another width);
+        stall (stage 0 hangs for 120 s at its 5th training forward; timeout=15 s)
   TOKEN: an arbitrary marker, so the test can look for processes left behind
 """
 
 import os
 import sys
+import time
+from datetime import timedelta
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -34,6 +37,21 @@ class Bomb(nn.Module):
             self.calls += 1
             if self.calls == 5:
                 raise RuntimeError(f"boom from the {self.where} stage")
+        return x
+
+
+class Stall(nn.Module):
+    """Hangs at the 5th training forward, far longer than the strategy's timeout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if self.calls == 5:
+                time.sleep(120)
         return x
 
 
@@ -97,13 +115,16 @@ def main() -> None:
         model.net.append(Bomb("last"))
     if mode == "nan-first":
         model.net.insert(1, Poison())
+    if mode == "stall":
+        model.net.insert(0, Stall())
     if mode in ("ragged", "dict-between-stages", "detached"):
         model.net.insert(3, Boundary(mode))  # 8 layers: the last of stage 0's four
     policy = {"2bw-few-microbatches": "pipedream_2bw", "pb-adamw": "pipelined_backprop"}.get(mode, "pipedream")
     microbatches = {"small-batch": 16, "2bw-few-microbatches": 1}.get(mode, 2)
     trainer = L.Trainer(
         accelerator="cpu", devices=2, max_steps=20, logger=False,
-        strategy=AsyncPipeStrategy(policy=policy, microbatches=microbatches, detect_anomaly=mode == "nan-first"),
+        strategy=AsyncPipeStrategy(policy=policy, microbatches=microbatches, detect_anomaly=mode == "nan-first",
+                                   timeout=timedelta(seconds=15) if mode == "stall" else timedelta(minutes=30)),
         enable_progress_bar=False, enable_checkpointing=False,
     )  # fmt: skip
     data = loader(regression_data(), 8)
