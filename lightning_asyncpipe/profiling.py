@@ -23,6 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_asyncpipe.errors import PipelineConfigError
+from lightning_asyncpipe.microbatch import batch_size, split
+from lightning_asyncpipe.wgrad import DeferredWeightGrad
+
 __all__ = ["LayerProfile", "profile_layers", "layer_costs", "sequential_input"]
 
 
@@ -81,8 +85,6 @@ def _profile_layer(layer: nn.Module, x: tuple[Tensor, ...], device: torch.device
                    deferred_over: int) -> tuple[LayerProfile, tuple[Tensor, ...]]:  # fmt: skip
     """One layer's profile, and its output (the next layer's input); ``deferred_over > 0``: with
     deferred weight gradients, flushed over that many micro-batches."""
-    from lightning_asyncpipe.wgrad import DeferredWeightGrad
-
     home = next((p.device for p in layer.parameters()), device)
     layer.to(device)
     deferral = DeferredWeightGrad(layer) if deferred_over > 0 else None
@@ -158,9 +160,6 @@ def sequential_input(module: nn.Module, layers: nn.Sequential, microbatches: int
     Raises:
         PipelineConfigError: if the module has no ``example_input_array``, or never calls ``layers``.
     """
-    from lightning_asyncpipe.errors import PipelineConfigError
-    from lightning_asyncpipe.microbatch import batch_size, split
-
     example = getattr(module, "example_input_array", None)
     if example is None:
         raise PipelineConfigError(

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from datetime import timedelta
+from typing import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -27,47 +28,41 @@ from lightning_asyncpipe import AsyncPipeStrategy  # noqa: E402
 from tests.helpers.models import SeqRegressor, loader, regression_data  # noqa: E402
 
 
-class Bomb(nn.Module):
-    def __init__(self, where: str) -> None:
+class AtFifthForward(nn.Module):
+    """Passes its input through, except at the 5th training forward, where ``act`` decides."""
+
+    def __init__(self, act: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
-        self.where, self.calls = where, 0
+        self.act, self.calls = act, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.calls += 1
             if self.calls == 5:
-                raise RuntimeError(f"boom from the {self.where} stage")
+                return self.act(x)
         return x
 
 
-class Stall(nn.Module):
-    """Hangs at the 5th training forward, far longer than the strategy's timeout."""
+def bomb(where: str) -> AtFifthForward:
+    def act(x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(f"boom from the {where} stage")
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
+    return AtFifthForward(act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.calls += 1
-            if self.calls == 5:
-                time.sleep(120)
+
+def stall() -> AtFifthForward:
+    """Hangs far longer than the strategy's timeout."""
+
+    def act(x: torch.Tensor) -> torch.Tensor:
+        time.sleep(120)
         return x
 
+    return AtFifthForward(act)
 
-class Poison(nn.Module):
-    """Turns its input into NaN at the 5th training forward."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.calls += 1
-            if self.calls == 5:
-                return x * float("nan")
-        return x
+def poison() -> AtFifthForward:
+    """Turns its input into NaN."""
+    return AtFifthForward(lambda x: x * float("nan"))
 
 
 class Boundary(nn.Module):
@@ -110,13 +105,13 @@ def main() -> None:
     if mode == "pb-adamw":
         model = SeqRegressor(optimizer="adamw")
     if mode == "raise-first":
-        model.net.insert(0, Bomb("first"))
+        model.net.insert(0, bomb("first"))
     if mode == "raise-last":
-        model.net.append(Bomb("last"))
+        model.net.append(bomb("last"))
     if mode == "nan-first":
-        model.net.insert(1, Poison())
+        model.net.insert(1, poison())
     if mode == "stall":
-        model.net.insert(0, Stall())
+        model.net.insert(0, stall())
     if mode in ("ragged", "dict-between-stages", "detached"):
         model.net.insert(3, Boundary(mode))  # 8 layers: the last of stage 0's four
     policy = {"2bw-few-microbatches": "pipedream_2bw", "pb-adamw": "pipelined_backprop"}.get(mode, "pipedream")
