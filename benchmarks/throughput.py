@@ -1,7 +1,7 @@
 """Training throughput of every contender on the same model, data and machine, in one command.
 
-    python benchmarks/throughput.py            # full run: 5 warm-up + 20 timed steps, 3 repeats
-    python benchmarks/throughput.py --quick    # a smoke run: 2 + 5 steps, 1 repeat
+    python benchmarks/throughput.py            # full run: 5 warm-up + 20 timed steps, 5 rounds
+    python benchmarks/throughput.py --quick    # a smoke run: 2 + 5 steps, 1 round
     python benchmarks/throughput.py --stages 4 # contention check (4 processes)
     python benchmarks/throughput.py --model gpt  # the main job's character GPT (batch 32, 4 micro-batches)
 
@@ -17,13 +17,16 @@ Contenders (one process per stage, ``torch.set_num_threads(1)`` and ``OMP_NUM_TH
 - ``engine/<policy>``: this project's raw :class:`~lightning_asyncpipe.engine.PipelineEngine`.
 - ``lightning/<policy>``: Lightning's Trainer with :class:`~lightning_asyncpipe.AsyncPipeStrategy`
   (popen launcher: ``python benchmarks/throughput.py --lightning-worker POLICY ...`` re-runs itself).
+- ``ceiling/<policy>``: the raw engine with the transfers taken out (:func:`run_ceiling`): every
+  stage does its own work of a step alone, all processes at once; the best this work can reach here.
 
-Timing: every repeat builds a fresh model (same seed), runs ``warmup`` steps, then a barrier over
-all ranks, ``t0``, ``steps`` steps (the engine drains at the end so in-flight work is counted), a
+Timing: a launch builds a fresh model (same seed), runs ``warmup`` steps, then a barrier over all
+ranks, ``t0``, ``steps`` steps (the engine drains at the end so in-flight work is counted), a
 barrier, ``t1``; throughput is ``steps * batch / (t1 - t0)`` with the largest ``t1 - t0`` over the
-ranks. The median over repeats is reported. Peak RSS is ``ru_maxrss`` at the end of each process
-(the largest process is reported); stashed bytes are the policy's ``peak_stashed_bytes`` (largest
-stage).
+ranks. The run goes in rounds (``--repeats``): each round launches every contender once, in table
+order, so the host's slow periods fall on all contenders alike. The median over rounds is
+reported. Peak RSS is ``ru_maxrss`` at the end of each process (the largest process, largest
+round); stashed bytes are the policy's ``peak_stashed_bytes`` (largest stage).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from torch import nn  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 POLICIES = ["gpipe", "pipedream_flush", "pipedream", "pipedream_2bw", "pipemare"]
+ASYNC_POLICIES = ["pipedream", "pipedream_2bw", "pipemare"]
 WIDTH, LAYERS, BATCH, MICROBATCHES, LR, MOMENTUM = 1024, 8, 256, 8, 1e-3, 0.9
 MODEL = os.environ.get("ASYNCPIPE_BENCH_MODEL", "mlp")  # set by --model; inherited by every worker
 GPT_CONTEXT = 64
@@ -200,6 +204,112 @@ def run_engine(rank: int, n_stages: int, cfg: dict[str, Any], policy: str) -> di
     return {"times": times, "stage": engine.stage, "peak_stashed_bytes": stashed}
 
 
+class _Ready:
+    def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        self.tensors = tensors
+
+    def wait(self) -> tuple[torch.Tensor, ...]:
+        return self.tensors
+
+
+class _Recorded:
+    def __init__(self, pending: Any, keep: Any) -> None:
+        self.pending, self.keep = pending, keep
+
+    def wait(self) -> tuple[torch.Tensor, ...]:
+        tensors = self.pending.wait()
+        self.keep(tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors))
+        return tensors
+
+
+class RecordingTransport:
+    """Passes everything to the real transport and keeps one received example of each message."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.activations: dict[Any, tuple[torch.Tensor, ...]] = {}
+        self.grads: dict[Any, tuple[torch.Tensor, ...]] = {}
+
+    def send_activation(self, tensors: Any, key: Any, requires_grad: Any = None) -> None:
+        self.inner.send_activation(tensors, key, requires_grad)
+
+    def recv_activation(self, key: Any) -> Any:
+        return _Recorded(self.inner.recv_activation(key), lambda t: self.activations.__setitem__(key, t))
+
+    def send_grad(self, tensors: Any) -> None:
+        self.inner.send_grad(tensors)
+
+    def recv_grad(self, metas: Any) -> Any:
+        return _Recorded(self.inner.recv_grad(metas), lambda t: self.grads.__setitem__(tuple(metas), t))
+
+    def wait_sends(self) -> None:
+        self.inner.wait_sends()
+
+    @property
+    def wait_seconds(self) -> float:
+        return float(self.inner.wait_seconds)
+
+
+class ReplayTransport:
+    """No transfers: every receive returns a fresh copy of a recorded message at once (the ceiling)."""
+
+    def __init__(self, recorded: RecordingTransport) -> None:
+        self.recorded = recorded
+
+    @staticmethod
+    def _copy(tensors: tuple[torch.Tensor, ...]) -> _Ready:
+        return _Ready(tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors))
+
+    def send_activation(self, tensors: Any, key: Any, requires_grad: Any = None) -> None:
+        pass
+
+    def recv_activation(self, key: Any) -> Any:
+        return self._copy(self.recorded.activations[key])
+
+    def send_grad(self, tensors: Any) -> None:
+        pass
+
+    def recv_grad(self, metas: Any) -> Any:
+        return self._copy(self.recorded.grads[tuple(metas)])
+
+    def wait_sends(self) -> None:
+        pass
+
+    @property
+    def wait_seconds(self) -> float:
+        return 0.0
+
+
+def run_ceiling(rank: int, n_stages: int, cfg: dict[str, Any], policy: str) -> dict[str, Any]:
+    """The raw engine with the transfers taken out: each stage computes alone (all processes at once).
+
+    The warm-up runs with real transfers and records one message of each kind; after a drain the
+    transport is replaced by one that returns copies of them at once, so every stage does exactly
+    its own work of a pipelined step (same layers, micro-batches, policy, weight gradients and
+    optimizer) and never waits: the step time of the slowest stage is the best any schedule of
+    this work could reach on this machine, transfers and dependencies aside.
+    """
+    from lightning_asyncpipe.comm import PipelineGroups
+    from lightning_asyncpipe.engine import PipelineEngine
+    from lightning_asyncpipe.topology import Topology
+
+    groups = PipelineGroups(Topology(n_stages, n_stages), rank)
+    batches = make_batches(cfg["warmup"] + cfg["steps"])
+    times = []
+    for _ in range(cfg["repeats"]):
+        engine = PipelineEngine(build_model(), n_stages, policy, MICROBATCHES, make_optimizer, loss_fn,
+                                groups=groups)  # fmt: skip
+        recording = RecordingTransport(engine.executor.transport)
+        engine.executor.transport = recording
+        for i in range(cfg["warmup"]):
+            engine.train_step(*batches[i])
+        engine.drain()
+        _barrier()
+        engine.executor.transport = ReplayTransport(recording)
+        times.append(_timed(engine.train_step, batches, cfg["warmup"], cfg["steps"], finish=engine.drain))
+    return {"times": times, "stage": engine.stage}
+
+
 def spawn_worker(rank: int, kind: str, arg: str, world: int, port: int, cfg: dict[str, Any], prefix: str) -> None:
     if kind == "single":
         torch.set_num_threads(int(arg))
@@ -210,6 +320,8 @@ def spawn_worker(rank: int, kind: str, arg: str, world: int, port: int, cfg: dic
     try:
         if kind == "torch_pp":
             result = run_torch_pp(rank, world, cfg, arg)
+        elif kind == "ceiling":
+            result = run_ceiling(rank, world, cfg, arg)
         else:
             result = run_engine(rank, world, cfg, arg)
         write_rank_result(prefix, rank, result)
@@ -368,6 +480,9 @@ def contenders(stages: int) -> list[dict[str, Any]]:
     for policy in POLICIES:
         out.append({"name": f"lightning/{policy}", "group": "d-lightning", "launch": ("lightning", "", policy, stages),
                     "procs": f"{stages} x 1 thread"})
+    for policy in ASYNC_POLICIES:
+        out.append({"name": f"ceiling/{policy}", "group": "e", "launch": ("spawn", "ceiling", policy, stages),
+                    "procs": f"{stages} x 1 thread"})
     return out
 
 
@@ -381,31 +496,32 @@ def markdown(results: list[dict[str, Any]], cfg: dict[str, Any], meta: dict[str,
     lines = [
         f"Model: {model}, SGD lr {LR} momentum {MOMENTUM}; batch {BATCH} ({'sequences' if MODEL == 'gpt' else 'samples'}), "
         f"{MICROBATCHES} micro-batches, {cfg['stages']} stages. {cfg['warmup']} warm-up + {cfg['steps']} timed steps, "
-        f"median of {cfg['repeats']} repeat(s). {meta['cpus']} CPUs, torch {meta['torch']}, gloo.",
+        f"median of {cfg['repeats']} round(s), every contender once per round in table order. {meta['cpus']} CPUs, torch {meta['torch']}, gloo.",
         "",
-        "| contender | group | processes | samples/s (median) | min-max | vs (a) | vs best (c) | peak RSS MiB (max process) | stashed weights MiB (max stage) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| contender | group | processes | samples/s (median) | min-max | vs (a) | vs best (c) | vs ceiling (e) | peak RSS MiB (max process) | stashed weights MiB (max stage) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.get("error"):
-            lines.append(f"| {r['name']} | {r['group']} | {r['procs']} | failed | | | | | |")
+            lines.append(f"| {r['name']} | {r['group']} | {r['procs']} | failed | | | | | | |")
             continue
         stashed = r.get("stashed_mib")
         lines.append(
             f"| {r['name']} | {r['group']} | {r['procs']} | {r['samples_per_s']:.1f} | "
             f"{min(r['samples_per_s_runs']):.1f}-{max(r['samples_per_s_runs']):.1f} | {fmt(r.get('vs_a'), '.2f')}x | "
-            f"{fmt(r.get('vs_best_c'), '.2f')}x | {max(r['rss_mib']):.0f} | {fmt(stashed, '.1f')} |"
+            f"{fmt(r.get('vs_best_c'), '.2f')}x | {fmt(r.get('vs_ceiling'), '.2f')}{'x' if r.get('vs_ceiling') else ''} | "
+            f"{max(r['rss_mib']):.0f} | {fmt(stashed, '.1f')} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="2 warm-up + 5 timed steps, 1 repeat")
+    p.add_argument("--quick", action="store_true", help="2 warm-up + 5 timed steps, 1 round")
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None, help="rounds (every contender once per round)")
     p.add_argument("--only", default=None, help="comma-separated substrings of contender names to run")
     p.add_argument("--out", default=RESULTS, help="output directory")
     p.add_argument("--model", choices=["mlp", "gpt"], default="mlp")
@@ -418,7 +534,7 @@ def main() -> None:
         "stages": a.stages,
         "warmup": a.warmup if a.warmup is not None else (2 if a.quick else 5),
         "steps": a.steps if a.steps is not None else (5 if a.quick else 20),
-        "repeats": a.repeats if a.repeats is not None else (1 if a.quick else 3),
+        "repeats": a.repeats if a.repeats is not None else (1 if a.quick else 5),
     }
     meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "backend": "gloo"}  # fmt: skip
@@ -427,32 +543,51 @@ def main() -> None:
     if a.only:
         keys = a.only.split(",")
         selected = [c for c in selected if any(k in c["name"] for k in keys)]
-    results = []
     started = time.perf_counter()
-    for c in selected:
-        how, kind, arg, world = c["launch"]
-        prefix = os.path.join(a.out, f".tmp_{c['name'].replace('/', '_')}")
-        t = time.perf_counter()
-        row: dict[str, Any] = {"name": c["name"], "group": c["group"], "procs": c["procs"]}
-        try:
-            r = launch_spawn(kind, arg, world, cfg, prefix) if how == "spawn" else launch_lightning(arg, world, cfg, prefix)
-            runs = [cfg["steps"] * BATCH / e for e in r["elapsed_s"]]
-            row.update(r, samples_per_s_runs=runs, samples_per_s=statistics.median(runs),
-                       step_ms=1000 * statistics.median(r["elapsed_s"]) / cfg["steps"])  # fmt: skip
-            stashed = [b for b in r["peak_stashed_bytes"] if b is not None]
+    # Rounds: every contender runs once per round, in the same order, one repeat per launch, so a
+    # slow period of the host falls on every contender alike instead of on whichever ran then.
+    one = {**cfg, "repeats": 1}
+    rows: dict[str, dict[str, Any]] = {
+        c["name"]: {"name": c["name"], "group": c["group"], "procs": c["procs"], "elapsed_s": [], "rss_mib": [],
+                    "peak_stashed_bytes": [], "wall_s": 0.0} for c in selected}  # fmt: skip
+    for rnd in range(cfg["repeats"]):
+        for c in selected:
+            how, kind, arg, world = c["launch"]
+            row = rows[c["name"]]
+            if row.get("error"):
+                continue
+            prefix = os.path.join(a.out, f".tmp_{c['name'].replace('/', '_')}")
+            t = time.perf_counter()
+            try:
+                r = launch_spawn(kind, arg, world, one, prefix) if how == "spawn" else launch_lightning(arg, world, one, prefix)
+                row["elapsed_s"] += r["elapsed_s"]
+                row["rss_mib"] = [max(x) for x in zip(row["rss_mib"], r["rss_mib"])] if row["rss_mib"] else r["rss_mib"]
+                row["peak_stashed_bytes"] += [b for b in r["peak_stashed_bytes"] if b is not None]
+                status = f"{cfg['steps'] * BATCH / r['elapsed_s'][0]:.1f} samples/s"
+            except Exception as err:  # keep going: one failing contender must not hide the others
+                row["error"] = f"{type(err).__name__}: {err}"
+                status = row["error"][:2000]
+            row["wall_s"] += time.perf_counter() - t
+            print(f"round {rnd + 1}/{cfg['repeats']} {c['name']:28s} {status}  ({time.perf_counter() - t:.0f} s)",
+                  flush=True)  # fmt: skip
+    results = []
+    for row in rows.values():
+        if row["elapsed_s"] and not row.get("error"):
+            runs = [cfg["steps"] * BATCH / e for e in row["elapsed_s"]]
+            row.update(samples_per_s_runs=runs, samples_per_s=statistics.median(runs),
+                       step_ms=1000 * statistics.median(row["elapsed_s"]) / cfg["steps"])  # fmt: skip
+            stashed = row.pop("peak_stashed_bytes")
             row["stashed_mib"] = max(stashed) / 2**20 if stashed else None
-        except Exception as err:  # keep going: one failing contender must not hide the others
-            row["error"] = f"{type(err).__name__}: {err}"
-        row["wall_s"] = time.perf_counter() - t
         results.append(row)
-        status = f"{row['samples_per_s']:.1f} samples/s" if "samples_per_s" in row else row["error"][:2000]
-        print(f"{c['name']:28s} {status}  ({row['wall_s']:.0f} s)", flush=True)
     base = next((r["samples_per_s"] for r in results if r["group"] == "a" and "samples_per_s" in r), None)
     best_c = max((r["samples_per_s"] for r in results if r["group"] == "c" and "samples_per_s" in r), default=None)
+    ceilings = {r["name"].split("/")[1]: r["samples_per_s"] for r in results if r["group"] == "e" and "samples_per_s" in r}
     for r in results:
         if "samples_per_s" in r:
             r["vs_a"] = r["samples_per_s"] / base if base else None
             r["vs_best_c"] = r["samples_per_s"] / best_c if best_c else None
+            ceiling = ceilings.get(r["name"].split("/")[-1]) if r["group"].startswith("d") else None
+            r["vs_ceiling"] = r["samples_per_s"] / ceiling if ceiling else None
     total = time.perf_counter() - started
     with open(os.path.join(a.out, f"{name}.json"), "w") as f:
         json.dump({"config": cfg, "meta": meta, "model": {"name": MODEL, "width": WIDTH, "linear_layers": LAYERS, "batch": BATCH,
