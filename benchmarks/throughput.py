@@ -4,8 +4,9 @@
     python benchmarks/throughput.py --quick    # a smoke run: 2 + 5 steps, 1 round
     python benchmarks/throughput.py --stages 4 # contention check (4 processes)
     python benchmarks/throughput.py --model gpt  # the main job's character GPT (batch 32, 4 micro-batches)
+    python benchmarks/throughput.py --microbatches 4  # another number of micro-batches (same batch)
 
-Writes ``benchmarks/results/throughput[_gpt][_<N>stages].{json,md}``.
+Writes ``benchmarks/results/throughput[_gpt][_<N>stages][_m<M>].{json,md}``.
 
 Contenders (one process per stage, ``torch.set_num_threads(1)`` and ``OMP_NUM_THREADS=1`` in each):
 
@@ -60,6 +61,7 @@ MODEL = os.environ.get("ASYNCPIPE_BENCH_MODEL", "mlp")  # set by --model; inheri
 GPT_CONTEXT = 64
 if MODEL == "gpt":  # the main job's character GPT (examples/chargpt.py) with its batch and micro-batches
     BATCH, MICROBATCHES = 32, 4
+MICROBATCHES = int(os.environ.get("ASYNCPIPE_BENCH_MICROBATCHES", MICROBATCHES))  # set by --microbatches
 LAUNCH_TIMEOUT_S = 600
 
 
@@ -525,11 +527,16 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma-separated substrings of contender names to run")
     p.add_argument("--out", default=RESULTS, help="output directory")
     p.add_argument("--model", choices=["mlp", "gpt"], default="mlp")
+    p.add_argument("--microbatches", type=int, default=None, help="micro-batches per batch (default: the model's)")
     a = p.parse_args()
-    if a.model != MODEL:  # the module-level model constants follow the environment: re-run with it set
+    if a.model != MODEL or (a.microbatches is not None and a.microbatches != MICROBATCHES):
+        # the module-level model constants follow the environment: re-run with it set
         env = {**os.environ, "ASYNCPIPE_BENCH_MODEL": a.model}
+        if a.microbatches is not None:
+            env["ASYNCPIPE_BENCH_MICROBATCHES"] = str(a.microbatches)
         sys.exit(subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env).returncode)
-    name = "throughput" + ("_gpt" if MODEL == "gpt" else "") + ("" if a.stages == 2 else f"_{a.stages}stages")
+    name = ("throughput" + ("_gpt" if MODEL == "gpt" else "") + ("" if a.stages == 2 else f"_{a.stages}stages")
+            + (f"_m{MICROBATCHES}" if a.microbatches is not None else ""))  # fmt: skip
     cfg = {
         "stages": a.stages,
         "warmup": a.warmup if a.warmup is not None else (2 if a.quick else 5),
