@@ -5,6 +5,7 @@
     python benchmarks/throughput.py --stages 4 # contention check (4 processes)
     python benchmarks/throughput.py --model gpt  # the main job's character GPT (batch 32, 4 micro-batches)
     python benchmarks/throughput.py --microbatches 4  # another number of micro-batches (same batch)
+    python benchmarks/throughput.py --model gpt --render benchmarks/results/throughput_gpt.json  # table only
 
 Writes ``benchmarks/results/throughput[_gpt][_<N>stages][_m<M>].{json,md}``.
 
@@ -514,7 +515,33 @@ def markdown(results: list[dict[str, Any]], cfg: dict[str, Any], meta: dict[str,
             f"{fmt(r.get('vs_best_c'), '.2f')}x | {fmt(r.get('vs_ceiling'), '.2f')}{'x' if r.get('vs_ceiling') else ''} | "
             f"{max(r['rss_mib']):.0f} | {fmt(stashed, '.1f')} |"
         )
+    lines += paired_lines(results, "lightning", "engine", "Lightning against the raw engine")
+    lines += paired_lines(results, "engine", "ceiling", "the raw engine against its ceiling")
     return "\n".join(lines) + "\n"
+
+
+def paired_lines(results: list[dict[str, Any]], a: str, b: str, title: str) -> list[str]:
+    """Per-round ratios ``a/<policy>`` over ``b/<policy>``: both ran in the same round, minutes
+    apart, so the host's drift between rounds cancels out of each ratio."""
+    runs = {r["name"]: r["samples_per_s_runs"] for r in results if "samples_per_s_runs" in r}
+    rows = []
+    for policy in POLICIES:
+        x, y = runs.get(f"{a}/{policy}"), runs.get(f"{b}/{policy}")
+        if x and y and len(x) == len(y):
+            ratios = [u / v for u, v in zip(x, y)]
+            rows.append(f"| {policy} | {', '.join(f'{q:.2f}' for q in ratios)} | {statistics.median(ratios):.2f}x |")
+    if not rows:
+        return []
+    return ["", f"Per round, {title} (samples/s ratio within each round):", "",
+            "| policy | per round | median |", "|---|---|---:|", *rows]  # fmt: skip
+
+
+def render(path: str) -> None:
+    """Rewrite the markdown table next to a results JSON (same name, ``.md``) from the JSON."""
+    with open(path) as f:
+        saved = json.load(f)
+    with open(path[: -len(".json")] + ".md", "w") as f:
+        f.write(markdown(saved["results"], saved["config"], saved["meta"]))
 
 
 def main() -> None:
@@ -528,6 +555,7 @@ def main() -> None:
     p.add_argument("--out", default=RESULTS, help="output directory")
     p.add_argument("--model", choices=["mlp", "gpt"], default="mlp")
     p.add_argument("--microbatches", type=int, default=None, help="micro-batches per batch (default: the model's)")
+    p.add_argument("--render", default=None, metavar="JSON", help="only rewrite the .md of a saved results JSON")
     a = p.parse_args()
     if a.model != MODEL or (a.microbatches is not None and a.microbatches != MICROBATCHES):
         # the module-level model constants follow the environment: re-run with it set
@@ -535,6 +563,9 @@ def main() -> None:
         if a.microbatches is not None:
             env["ASYNCPIPE_BENCH_MICROBATCHES"] = str(a.microbatches)
         sys.exit(subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env).returncode)
+    if a.render:  # give the --model and --microbatches of the run: the header names them
+        render(a.render)
+        return
     name = ("throughput" + ("_gpt" if MODEL == "gpt" else "") + ("" if a.stages == 2 else f"_{a.stages}stages")
             + (f"_m{MICROBATCHES}" if a.microbatches is not None else ""))  # fmt: skip
     cfg = {
