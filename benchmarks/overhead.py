@@ -1,7 +1,7 @@
 """Lightning's overhead over the raw engine, measured inside the runs rather than end to end.
 
     python benchmarks/overhead.py                      # pipedream_2bw and pipedream_flush, MLP, 2 stages
-    python benchmarks/overhead.py --policies gpipe --steps 40
+    python benchmarks/overhead.py --policies gpipe --steps 40 --rounds 5
     ASYNCPIPE_BENCH_MODEL=gpt python benchmarks/overhead.py   # the character GPT (batch 32, 4 micro-batches)
 
 End-to-end samples/s on a shared 2-core host moves by 5-15 % between runs, more than the overhead
@@ -128,6 +128,17 @@ def lightning_worker(policy: str, steps: int, out: str) -> None:
     trainer.fit(Module(), DataLoader(Batches(WARMUP + steps), batch_size=None))
 
 
+def _median_summary(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over rounds of one stage's summaries (action kinds named as in the engine)."""
+    names = {"F": "FORWARD", "B": "BACKWARD", "U": "UPDATE"}
+    kinds: dict[str, list[float]] = {}
+    for part in parts:
+        for k, v in part["per_kind_ms"].items():
+            kinds.setdefault(names.get(k, k), []).append(v)
+    return {"stage": parts[0]["stage"], **{k: statistics.median(p[k] for p in parts) for k in
+            ("step_ms", "actions_ms", "outside_ms")}, "per_kind_ms": {k: statistics.median(v) for k, v in kinds.items()}}
+
+
 def _collect(prefix: str) -> list[dict[str, Any]]:
     parts = []
     for rank in range(2):
@@ -141,6 +152,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", default="pipedream_2bw,pipedream_flush")
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=3, help="engine/Lightning pairs, alternating which runs first")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--lightning-worker", default=None)
     p.add_argument("--prefix", default=None)
@@ -151,28 +163,47 @@ def main() -> None:
     import torch.multiprocessing as mp
 
     os.makedirs(a.out, exist_ok=True)
-    rows = []
-    for policy in a.policies.split(","):
-        prefix = os.path.join(a.out, f".overhead-{policy}")
+
+    def run_engine(policy: str, prefix: str) -> list[dict[str, Any]]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         mp.start_processes(engine_worker, args=(2, port, policy, a.steps, prefix), nprocs=2, start_method="spawn")
+        return _collect(prefix + ".engine")
+
+    def run_lightning(policy: str, prefix: str) -> list[dict[str, Any]]:
         env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
         subprocess.run([sys.executable, os.path.abspath(__file__), "--lightning-worker", policy, "--steps",
                         str(a.steps), "--prefix", prefix], env=env, check=True, timeout=600,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        engine, lightning = _collect(prefix + ".engine"), _collect(prefix + ".lightning")
-        for e, lt in zip(engine, lightning):
-            rows.append({"policy": policy, "stage": e["stage"], "engine": e, "lightning": lt})
+        return _collect(prefix + ".lightning")
+
+    runs: dict[str, dict[str, list[list[dict[str, Any]]]]] = {}
+    for rnd in range(a.rounds):
+        for policy in a.policies.split(","):
+            prefix = os.path.join(a.out, f".overhead-{policy}")
+            got = runs.setdefault(policy, {"engine": [], "lightning": []})
+            # alternate which half runs first, so a drift of the host does not favour one side
+            order = [("engine", run_engine), ("lightning", run_lightning)]
+            for side, run in order if rnd % 2 == 0 else order[::-1]:
+                got[side].append(run(policy, prefix))
+            print(f"round {rnd + 1}/{a.rounds} {policy} done", flush=True)
+    rows = []
+    for policy, got in runs.items():
+        for stage in range(2):
+            e, lt = (_median_summary([r[stage] for r in got[side]]) for side in ("engine", "lightning"))
+            rows.append({"policy": policy, "stage": stage, "engine": e, "lightning": lt,
+                         "rounds": {side: [r[stage] for r in got[side]] for side in got}})  # fmt: skip
     model = "character GPT" if os.environ.get("ASYNCPIPE_BENCH_MODEL") == "gpt" else "MLP"
     lines = [
         f"{model} (benchmarks/throughput.py), batch {BATCH}, {MICROBATCHES} micro-batches, 2 stages, one thread per process; "
-        f"medians over {a.steps} steps after {WARMUP} warm-up steps.",
+        f"medians over {a.steps} steps after {WARMUP} warm-up steps, then medians over {a.rounds} rounds (engine and "
+        "Lightning once each per round, alternating which runs first).",
         "",
         "| policy | stage | engine step | engine outside actions | Lightning step | Lightning outside actions | "
-        "Lightning's extra outside time, share of the engine's step | step time, Lightning vs engine |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "Lightning's extra outside time, share of the engine's step | step time, Lightning vs engine | "
+        "update action, Lightning vs engine |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         e, lt = r["engine"], r["lightning"]
@@ -180,7 +211,8 @@ def main() -> None:
         r["extra_share"] = extra / e["step_ms"]
         lines.append(f"| {r['policy']} | {r['stage']} | {e['step_ms']:.1f} ms | {e['outside_ms']:.1f} ms | "
                      f"{lt['step_ms']:.1f} ms | {lt['outside_ms']:.1f} ms | {extra:+.1f} ms ({100 * r['extra_share']:+.1f} %) | "
-                     f"{100 * (lt['step_ms'] / e['step_ms'] - 1):+.1f} % |")  # fmt: skip
+                     f"{100 * (lt['step_ms'] / e['step_ms'] - 1):+.1f} % | "
+                     f"{100 * (lt['per_kind_ms']['UPDATE'] / e['per_kind_ms']['UPDATE'] - 1):+.1f} % |")  # fmt: skip
     name = "overhead_gpt" if model != "MLP" else "overhead"
     with open(os.path.join(a.out, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
