@@ -9,20 +9,62 @@ stage sends each step's payload with non-blocking point-to-point messages, and t
 collect it one step later (when it has certainly been sent) or at a drain (:meth:`flush`). With
 several replicas the strategy keeps the blocking broadcast (``sync_dist`` logs need every rank
 to log in the same step).
+
+A payload travels as one fixed-size message (its length, then its pickled bytes; a payload larger
+than that sends the rest in a second message), so the receiver posts the receive of step ``k``'s
+payload during step ``k`` without knowing its size and finds it complete later; CPU tensors in
+the payload are pickled as numpy arrays (:func:`dumps`), about 10x cheaper than ``torch.save``.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["StepHandoff"]
+__all__ = ["StepHandoff", "dumps", "loads"]
 
 _TAG_SPACE = 1 << 28
+# Bytes of the fixed-size message that carries a payload (a length, then the pickled bytes): the
+# receiver can post it a step ahead without knowing the size; a larger payload sends the rest in
+# a second message.
+_INLINE = 4096
+_LEN = 8
+_NUMPY_DTYPES = {
+    torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
+    torch.bool, torch.complex64, torch.complex128,
+}  # fmt: skip
+
+
+def _tensor_from_numpy(array: np.ndarray) -> Tensor:
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles plain CPU tensors as numpy arrays: a 0-dim loss takes ~20 us instead of ~220 us
+    (``torch.save`` inside pickle), and ~8 instead of ~160 us to load."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if (type(obj) is Tensor and obj.device.type == "cpu" and obj.layout == torch.strided
+                and obj.dtype in _NUMPY_DTYPES and not obj.is_quantized):  # fmt: skip
+            return _tensor_from_numpy, (obj.detach().resolve_conj().resolve_neg().numpy(),)
+        return NotImplemented
+
+
+def dumps(obj: Any) -> bytes:
+    """``pickle.dumps`` with CPU tensors stored as numpy arrays (others as torch pickles them)."""
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+def loads(data: bytes) -> Any:
+    return pickle.loads(data)
 
 
 class StepHandoff:
@@ -40,7 +82,7 @@ class StepHandoff:
         self.ranks, self.rank, self.group, self.deferred, self.device = ranks, rank, group, deferred, device
         self.src = ranks[-1]
         self._sends: list[tuple[Any, Tensor]] = []
-        self._pending: list[tuple[int, Any, Tensor]] = []  # (step, work, size) on receivers
+        self._pending: list[tuple[int, Any, Tensor]] = []  # (step, work, inline message) on receivers
 
     @property
     def is_source(self) -> bool:
@@ -55,8 +97,8 @@ class StepHandoff:
             self._send(step, payload)
             return [payload]
         ready = self._collect(wait_all=False)
-        size = torch.empty(1, dtype=torch.int64, device=self.device)
-        self._pending.append((step, dist.irecv(size, src=self.src, group=self.group, tag=self._tag(step, 0)), size))
+        inline = torch.empty(_INLINE, dtype=torch.uint8, device=self.device)
+        self._pending.append((step, dist.irecv(inline, src=self.src, group=self.group, tag=self._tag(step, 0)), inline))
         return ready
 
     def broadcast(self, payload: Any) -> list[Any]:
@@ -81,11 +123,17 @@ class StepHandoff:
         return (2 * step + part) % _TAG_SPACE
 
     def _send(self, step: int, payload: Any) -> None:
-        data = torch.frombuffer(bytearray(pickle.dumps(payload)), dtype=torch.uint8).to(self.device)
-        size = torch.tensor([data.numel()], dtype=torch.int64, device=self.device)
+        raw = dumps(payload)
+        inline = torch.zeros(_INLINE, dtype=torch.uint8)
+        inline[:_LEN] = torch.tensor([len(raw)], dtype=torch.int64).view(torch.uint8)
+        head = raw[: _INLINE - _LEN]
+        inline[_LEN : _LEN + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+        messages = [inline.to(self.device)]
+        if len(raw) > len(head):
+            messages.append(torch.frombuffer(bytearray(raw[len(head):]), dtype=torch.uint8).to(self.device))
         for dst in self.ranks[:-1]:
-            self._sends.append((dist.isend(size, dst=dst, group=self.group, tag=self._tag(step, 0)), size))
-            self._sends.append((dist.isend(data, dst=dst, group=self.group, tag=self._tag(step, 1)), data))
+            for part, message in enumerate(messages):
+                self._sends.append((dist.isend(message, dst=dst, group=self.group, tag=self._tag(step, part)), message))
         while self._sends and self._sends[0][0].is_completed():
             self._sends.pop(0)
 
@@ -94,11 +142,16 @@ class StepHandoff:
         keep = 0 if wait_all else 1
         ready: list[Any] = []
         while len(self._pending) > keep:
-            step, work, size = self._pending.pop(0)
+            step, work, inline = self._pending.pop(0)
             work.wait()
-            data = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
-            dist.irecv(data, src=self.src, group=self.group, tag=self._tag(step, 1)).wait()
-            ready.append(pickle.loads(data.cpu().numpy().tobytes()))
+            inline = inline.cpu()
+            size = int(inline[:_LEN].view(torch.int64).item())
+            raw = inline[_LEN : _LEN + min(size, _INLINE - _LEN)].numpy().tobytes()
+            if size > len(raw):  # a large payload: the rest follows in a second message
+                rest = torch.empty(size - len(raw), dtype=torch.uint8, device=self.device)
+                dist.irecv(rest, src=self.src, group=self.group, tag=self._tag(step, 1)).wait()
+                raw += rest.cpu().numpy().tobytes()
+            ready.append(loads(raw))
         return ready
 
 
