@@ -84,20 +84,24 @@ def split(batch: Any, chunks: int) -> list[Any]:
             f"needs at least one sample. Use a batch size >= {chunks} (and drop_last=True if the last batch of an "
             "epoch is smaller), or lower `microbatches`."
         )
-    return [_take(batch, chunks, i) for i in range(chunks)]
+    return _parts(batch, chunks)
 
 
-def _take(obj: Any, chunks: int, i: int) -> Any:
+def _parts(obj: Any, chunks: int) -> list[Any]:
+    """``obj`` cut into ``chunks`` parts (each tensor split once, the structure rebuilt per part)."""
     if isinstance(obj, Tensor):
-        return torch.tensor_split(obj, chunks, dim=0)[i]
+        return list(torch.tensor_split(obj, chunks, dim=0))
     if isinstance(obj, Mapping):
-        items = {k: _take(v, chunks, i) for k, v in obj.items()}
-        return items if type(obj) is dict else type(obj)(items)
+        columns = {k: _parts(v, chunks) for k, v in obj.items()}
+        dicts = [{k: c[i] for k, c in columns.items()} for i in range(chunks)]
+        return dicts if type(obj) is dict else [type(obj)(d) for d in dicts]
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_take(v, chunks, i) for v in obj))
+        columns = [_parts(v, chunks) for v in obj]
+        return [type(obj)(*(c[i] for c in columns)) for i in range(chunks)]
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_take(v, chunks, i) for v in obj)
-    return obj
+        columns = [_parts(v, chunks) for v in obj]
+        return [type(obj)(c[i] for c in columns) for i in range(chunks)]
+    return [obj] * chunks
 
 
 def merge(outputs: Sequence[Any]) -> Any:
