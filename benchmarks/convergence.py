@@ -2,6 +2,7 @@
 
     python benchmarks/convergence.py               # 300 steps per policy, 2 stages
     python benchmarks/convergence.py --steps 60    # a quicker look
+    python benchmarks/convergence.py --lr 1e-3 --policies pipedream_flush,pipedream_2bw  # another peak LR
 
 Each policy trains the main job's model (examples/chargpt.py: 4 blocks, n_embd 128, context 64,
 batch 32, AdamW with warm-up and cosine decay) on the same data from the same initial weights,
@@ -34,9 +35,10 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 HERE = os.path.dirname(os.path.abspath(__file__))
 POLICIES = ["pipedream_flush", "gpipe", "pipedream", "pipedream_2bw", "pipemare"]
 SYNC = "pipedream_flush"
+LR = 3e-3  # examples/chargpt.py's default peak learning rate
 
 
-def worker(policy: str, steps: int, out: str) -> None:
+def worker(policy: str, steps: int, out: str, lr: float) -> None:
     import lightning as L
     import torch
 
@@ -65,7 +67,7 @@ def worker(policy: str, steps: int, out: str) -> None:
         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         strategy=AsyncPipeStrategy(policy=policy, microbatches=4, pipeline_metrics=False), callbacks=[recorder],
     )  # fmt: skip
-    trainer.fit(CharGPT(n_layer=4, n_embd=128, block_size=64), StdlibText(block_size=64, batch_size=32))
+    trainer.fit(CharGPT(n_layer=4, n_embd=128, block_size=64, lr=lr), StdlibText(block_size=64, batch_size=32))
     if trainer.global_rank == 0:
         with open(out, "w") as f:
             json.dump(recorder.rows, f)
@@ -90,15 +92,22 @@ def main() -> None:
     p.add_argument("--image", default=os.path.join(ROOT, "docs", "images", "convergence_gpt.png"))
     p.add_argument("--worker", default=None)
     p.add_argument("--rows", default=None)
+    p.add_argument("--lr", type=float, default=LR, help="peak AdamW learning rate (examples/chargpt.py's default)")
+    p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated; must include {SYNC}")
     a = p.parse_args()
     if a.worker:
-        worker(a.worker, a.steps, a.rows)
+        worker(a.worker, a.steps, a.rows, a.lr)
         return
+    policies = a.policies.split(",")
+    if SYNC not in policies:
+        p.error(f"--policies must include {SYNC}: the target comes from it")
+    suffix = "" if a.lr == LR else f"_lr{a.lr:g}"
     os.makedirs(a.out, exist_ok=True)
     runs: dict[str, list[list[float]]] = {}
-    for policy in POLICIES:
+    for policy in policies:
         rows = os.path.join(a.out, f".convergence-{policy}.json")
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", policy, "--steps", str(a.steps), "--rows", rows]
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", policy, "--steps", str(a.steps), "--rows", rows,
+               "--lr", str(a.lr)]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
         subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, check=True, timeout=3600,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -118,7 +127,7 @@ def main() -> None:
                         else rows[i][2]})  # fmt: skip
     sync = next(s for s in summary if s["policy"] == SYNC)
     lines = [
-        f"Character GPT (4 blocks, n_embd 128, context 64, batch 32, AdamW), 2 stages, 4 micro-batches, {a.steps} "
+        f"Character GPT (4 blocks, n_embd 128, context 64, batch 32, AdamW peak LR {a.lr:g}), 2 stages, 4 micro-batches, {a.steps} "
         f"steps, Lightning Trainer, one thread per process. Target: {target:.3f} (the synchronous run's final "
         "smoothed loss + 2%).",
         "",
@@ -132,10 +141,10 @@ def main() -> None:
         lines.append(f"| {s['policy']} | {s['final_loss_ema']:.3f} | {s['seconds_per_step'] * 1e3:.0f} ms | "
                      f"{s['steps_to_target'] if reached else '-'} | "
                      f"{'%.1f' % s['seconds_to_target'] if reached else '-'} | {ratio_steps} | {ratio_time} |")  # fmt: skip
-    with open(os.path.join(a.out, "convergence.md"), "w") as f:
+    with open(os.path.join(a.out, f"convergence{suffix}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.join(a.out, "convergence.json"), "w") as f:
-        json.dump({"steps": a.steps, "target": target, "summary": summary, "runs": runs}, f)
+    with open(os.path.join(a.out, f"convergence{suffix}.json"), "w") as f:
+        json.dump({"steps": a.steps, "lr": a.lr, "target": target, "summary": summary, "runs": runs}, f)
     print("\n".join(lines))
 
     import matplotlib
@@ -153,11 +162,12 @@ def main() -> None:
         ax.set_ylabel("training loss (EMA 0.9)")
         ax.grid(alpha=0.3)
     by_step.legend()
-    fig.suptitle("Character GPT, 2 stages, 4 micro-batches: every policy against the synchronous one")
+    fig.suptitle(f"Character GPT, 2 stages, 4 micro-batches, peak LR {a.lr:g}: each policy against the synchronous one")
     fig.tight_layout()
     os.makedirs(os.path.dirname(a.image), exist_ok=True)
-    fig.savefig(a.image, dpi=110)
-    print("wrote", a.image)
+    image = a.image if not suffix else a.image.replace(".png", f"{suffix}.png")
+    fig.savefig(image, dpi=110)
+    print("wrote", image)
 
 
 if __name__ == "__main__":
