@@ -76,6 +76,7 @@ class PipeMarePolicy(RecomputingPolicy):
         self.lr_rescheduling, self.anneal_updates = lr_rescheduling, anneal_updates
         self.discrepancy_correction, self.velocity_decay = discrepancy_correction, velocity_decay
         self._velocity: Optional[list[Tensor]] = None
+        self._before: Optional[list[Tensor]] = None  # the weights before an update, reused
 
     def backward_weights(self, microbatch: int, gap: int) -> Optional[dict[str, Tensor]]:
         if not self.discrepancy_correction or self._velocity is None or gap == 0:
@@ -88,7 +89,13 @@ class PipeMarePolicy(RecomputingPolicy):
     def update(self, batch: int, apply: ApplyUpdate) -> None:
         factor = self.lr_factor()
         correcting = self.discrepancy_correction and self.tau >= 1  # the last stage never needs it
-        before = [p.detach().clone() for _, p in self._named_live()] if correcting else None
+        before = None
+        if correcting:
+            live = [p.detach() for _, p in self._named_live()]
+            if self._before is None or [b.shape for b in self._before] != [p.shape for p in live]:
+                self._before = [torch.empty_like(p) for p in live]
+            before = self._before
+            torch._foreach_copy_(before, live)
 
         def step(optimizer: Optimizer) -> None:
             saved = [g["lr"] for g in optimizer.param_groups]
@@ -106,8 +113,11 @@ class PipeMarePolicy(RecomputingPolicy):
             if self._velocity is None:
                 self._velocity = [torch.zeros_like(p) for p in live]
             g = self.velocity_decay
-            for d, new, old in zip(self._velocity, live, before):
-                d.mul_(g).add_(new - old, alpha=1.0 - g)
+            # delta <- g * delta + (1 - g) * (new - old), in place: (old - new) * -(1 - g) is the same
+            # float as (new - old) * (1 - g), and no weight-sized temporaries are allocated
+            torch._foreach_sub_(before, live)
+            torch._foreach_mul_(self._velocity, g)
+            torch._foreach_add_(self._velocity, before, alpha=-(1.0 - g))
         self._finish_update(batch)
 
     def extra_buffers(self) -> int:
