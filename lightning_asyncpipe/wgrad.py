@@ -10,8 +10,10 @@ before the optimizer runs. Exact for every policy (a weight version changes ``g`
 which are already computed, not ``dW = g^T x``); only the order of the floating-point sum differs.
 
 Applied to layers of type exactly ``nn.Linear`` whose weight is a parameter (live or a stashed
-version), outside autocast; a layer run on computed weights (PipeMare's corrected weights) or
-under autocast takes the usual path.
+version), or a computed weight marked by :func:`grad_into_live` (``W - c`` with ``c`` not
+depending on ``W``, e.g. PipeMare's corrected weights: its Jacobian with respect to the live
+weight is the identity, so ``dW`` is the same), outside autocast; other computed weights and
+layers under autocast take the usual path.
 Cost: ``x`` and ``g`` of every micro-batch of the batch stay alive until the update (``x`` is
 kept for the backward anyway).
 """
@@ -24,7 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DeferredWeightGrad"]
+__all__ = ["DeferredWeightGrad", "grad_into_live"]
+
+_LIVE = "_asyncpipe_grad_into_live"
+
+
+def grad_into_live(computed: Tensor, live: nn.Parameter) -> Tensor:
+    """Mark ``computed`` (``live`` minus a term that does not depend on ``live``) as a weight whose
+    gradient may be deferred into ``live``: the weight gradient of a layer run on it is then
+    computed at the update and added to the live weight's ``grad``, as for a parameter."""
+    setattr(computed, _LIVE, live)
+    return computed
 
 
 class _LinearKeepingWeightGrad(torch.autograd.Function):
@@ -62,7 +74,8 @@ class DeferredWeightGrad:
     def _forward_of(self, layer: nn.Linear) -> Any:
         def forward(x: Tensor) -> Tensor:
             w = layer.weight
-            if (self.active and torch.is_grad_enabled() and isinstance(w, nn.Parameter) and w.requires_grad
+            owner = w if isinstance(w, nn.Parameter) else getattr(w, _LIVE, None)
+            if (self.active and torch.is_grad_enabled() and isinstance(owner, nn.Parameter) and owner.requires_grad
                     and not torch.is_autocast_enabled(x.device.type)):  # fmt: skip
                 return _LinearKeepingWeightGrad.apply(x, w, layer.bias, self, layer)
             return F.linear(x, w, layer.bias)

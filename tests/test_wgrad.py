@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lightning_asyncpipe.wgrad import DeferredWeightGrad
+from lightning_asyncpipe.wgrad import DeferredWeightGrad, grad_into_live
 
 
 def _stage() -> nn.Sequential:
@@ -78,13 +78,39 @@ def test_stashed_weights_defer_into_the_live_layer() -> None:
     torch.testing.assert_close(model[0].weight.grad, _reference_grads(inputs)["0.weight"], rtol=1e-6, atol=1e-7)
 
 
+def test_marked_computed_weights_defer_into_the_live_layer() -> None:
+    """PipeMare's corrected weights ``W - c``: marked with grad_into_live, their weight gradient
+    waits for the flush and lands on the live weights, equal to autograd's through ``W - c``."""
+    inputs = _micro_batches()
+    offsets = {n: 0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) for n, p in
+               _stage().named_parameters()}  # fmt: skip
+
+    def run(defer: bool) -> nn.Sequential:
+        model = _stage()
+        deferral = DeferredWeightGrad(model)
+        deferral.active = defer
+        for x in inputs:
+            weights = {n: p - offsets[n] for n, p in model.named_parameters()}
+            if defer:
+                weights = {n: grad_into_live(w, dict(model.named_parameters())[n]) for n, w in weights.items()}
+            functional_call(model, weights, (x,)).pow(2).mean().backward()
+        if defer:
+            assert deferral.pending and model[0].weight.grad is None and model[2].weight.grad is None
+            deferral.flush()
+        return model
+
+    deferred, usual = run(True), run(False)
+    for (name, a), (_, b) in zip(deferred.named_parameters(), usual.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("case", ["inactive", "computed-weights", "autocast", "no-grad"])
 def test_usual_path_where_deferral_does_not_apply(case: str) -> None:
     x = _micro_batches()[0]
     model = _stage()
     deferral = DeferredWeightGrad(model)
     deferral.active = case != "inactive"
-    if case == "computed-weights":  # PipeMare's corrected weights: a function of the live ones
+    if case == "computed-weights":  # a function of the live ones, not marked with grad_into_live
         weights = {n: p * 1.0 for n, p in model.named_parameters()}
         functional_call(model, weights, (x,)).pow(2).mean().backward()
     elif case == "autocast":

@@ -40,6 +40,7 @@ from lightning_asyncpipe.errors import PipelineConfigError
 from lightning_asyncpipe.policies.base import ApplyUpdate
 from lightning_asyncpipe.policies.recompute import RecomputingPolicy
 from lightning_asyncpipe.policies.registry import register_policy
+from lightning_asyncpipe.wgrad import grad_into_live
 
 __all__ = ["PipeMarePolicy", "pipemare_lr_factor"]
 
@@ -81,7 +82,8 @@ class PipeMarePolicy(RecomputingPolicy):
     def backward_weights(self, microbatch: int, gap: int) -> Optional[dict[str, Tensor]]:
         if not self.discrepancy_correction or self._velocity is None or gap == 0:
             return None
-        return {name: p - gap * d for (name, p), d in zip(self._named_live(), self._velocity)}
+        # W - gap * delta has the identity as Jacobian in W: its weight gradient can wait for the update
+        return {name: grad_into_live(p - gap * d, p) for (name, p), d in zip(self._named_live(), self._velocity)}
 
     def lr_factor(self) -> float:
         return pipemare_lr_factor(self.tau, self.updates, self.anneal_updates) if self.lr_rescheduling else 1.0
