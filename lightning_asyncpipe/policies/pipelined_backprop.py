@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_asyncpipe.policies.base import ApplyUpdate, require_sgd_momentum
-from lightning_asyncpipe.policies.recompute import RecomputingPolicy
+from lightning_asyncpipe.policies.recompute import RecomputingPolicy, shifted_weights
 from lightning_asyncpipe.policies.registry import register_policy
 
 __all__ = ["PipelinedBackpropPolicy", "spike_compensated_sgd_step"]
@@ -71,6 +71,7 @@ class PipelinedBackpropPolicy(RecomputingPolicy):
     def __init__(self, spike_compensation: bool = True, weight_prediction: bool = True) -> None:
         super().__init__()
         self.spike_compensation, self.weight_prediction = spike_compensation, weight_prediction
+        self._scratch: Optional[list[Tensor]] = None  # the predicted weights, reused
 
     def validate_optimizer(self, optimizer: Optimizer) -> None:
         require_sgd_momentum(self.name, optimizer)
@@ -79,11 +80,18 @@ class PipelinedBackpropPolicy(RecomputingPolicy):
         if not self.weight_prediction or gap == 0 or self.optimizer is None:
             return None
         lr_of = {id(p): g["lr"] for g in self.optimizer.param_groups for p in g["params"]}
-        weights = {}
-        for name, p in self._named_live():
-            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
-            weights[name] = p if buf is None else p - lr_of.get(id(p), 0.0) * gap * buf
+        named = self._named_live()
+        self._scratch = self._scratch_buffers(self._scratch)
+        weights: dict[str, Tensor] = {name: p for name, p in named}
+        predicted = [(named_p, buf, lr_of.get(id(named_p[1]), 0.0) * gap, scratch)
+                     for named_p, scratch in zip(named, self._scratch)
+                     if (buf := self.optimizer.state.get(named_p[1], {}).get("momentum_buffer")) is not None]  # fmt: skip
+        if predicted:
+            weights.update(shifted_weights(*map(list, zip(*predicted))))
         return weights
+
+    def extra_buffers(self) -> int:
+        return 1 if self.weight_prediction and self.tau >= 1 else 0  # the predicted weights
 
     def update(self, batch: int, apply: ApplyUpdate) -> None:
         delay = self.tau if self.spike_compensation else 0

@@ -21,7 +21,8 @@ Two techniques, each switchable:
    updates for long runs).
 2. **Discrepancy correction** (section 3.2): keep a velocity ``delta <- g*delta + (1-g)*(W(t+1) -
    W(t))`` per stage and run the backward of micro-batch ``j`` on ``W - gap(j) * delta``, an
-   estimate of the weights its forward used, at the cost of one weight-sized buffer. Default
+   estimate of the weights its forward used, at the cost of two weight-sized buffers (the
+   velocity, and a scratch for the corrected weights and the weights before an update). Default
    ``g = 0.5``, i.e. the paper's ``D ** (1 / tau)`` with ``D = 0.5`` for ``tau = 1``: a short
    memory, as the correction extrapolates over only ``tau`` updates.
 
@@ -38,9 +39,8 @@ from torch.optim import Optimizer
 
 from lightning_asyncpipe.errors import PipelineConfigError
 from lightning_asyncpipe.policies.base import ApplyUpdate
-from lightning_asyncpipe.policies.recompute import RecomputingPolicy
+from lightning_asyncpipe.policies.recompute import RecomputingPolicy, shifted_weights
 from lightning_asyncpipe.policies.registry import register_policy
-from lightning_asyncpipe.wgrad import grad_into_live
 
 __all__ = ["PipeMarePolicy", "pipemare_lr_factor"]
 
@@ -77,13 +77,16 @@ class PipeMarePolicy(RecomputingPolicy):
         self.lr_rescheduling, self.anneal_updates = lr_rescheduling, anneal_updates
         self.discrepancy_correction, self.velocity_decay = discrepancy_correction, velocity_decay
         self._velocity: Optional[list[Tensor]] = None
-        self._before: Optional[list[Tensor]] = None  # the weights before an update, reused
+        # one weight-sized scratch: the corrected weights of a recomputed backward, and the weights
+        # before an update (never needed at the same time)
+        self._scratch: Optional[list[Tensor]] = None
 
     def backward_weights(self, microbatch: int, gap: int) -> Optional[dict[str, Tensor]]:
         if not self.discrepancy_correction or self._velocity is None or gap == 0:
             return None
-        # W - gap * delta has the identity as Jacobian in W: its weight gradient can wait for the update
-        return {name: grad_into_live(p - gap * d, p) for (name, p), d in zip(self._named_live(), self._velocity)}
+        named = self._named_live()
+        self._scratch = self._scratch_buffers(self._scratch)
+        return shifted_weights(named, self._velocity, [gap] * len(named), self._scratch)
 
     def lr_factor(self) -> float:
         return pipemare_lr_factor(self.tau, self.updates, self.anneal_updates) if self.lr_rescheduling else 1.0
@@ -94,9 +97,7 @@ class PipeMarePolicy(RecomputingPolicy):
         before = None
         if correcting:
             live = [p.detach() for _, p in self._named_live()]
-            if self._before is None or [b.shape for b in self._before] != [p.shape for p in live]:
-                self._before = [torch.empty_like(p) for p in live]
-            before = self._before
+            before = self._scratch = self._scratch_buffers(self._scratch)
             torch._foreach_copy_(before, live)
 
         def step(optimizer: Optimizer) -> None:
@@ -123,7 +124,7 @@ class PipeMarePolicy(RecomputingPolicy):
         self._finish_update(batch)
 
     def extra_buffers(self) -> int:
-        return 1 if self.discrepancy_correction and self.tau >= 1 else 0
+        return 2 if self.discrepancy_correction and self.tau >= 1 else 0  # the velocity and the scratch
 
     def _named_buffers(self) -> dict[str, dict[str, Tensor]]:
         if self._velocity is None:
