@@ -21,7 +21,10 @@ waiting: both processes (one thread each) run their stage's kernels at the same 
 order, between two barriers; the time is the slower one's. The same kernels over the whole model
 in one process give the single-process floors: ``floor/single`` at 256 rows (the kernel content of
 contender (a)), ``floor/single-m`` at the pipeline's micro-batch size. Contender (a) itself
-(``autograd/single``: the plain PyTorch loop of ``throughput.py``) runs in the same rounds.
+(``autograd/single``: the plain PyTorch loop of ``throughput.py``) runs in the same rounds, and
+once more with glibc's malloc told to keep freed memory (``autograd/single-tuned-malloc``: the
+loop allocates its gradients and activations afresh every step, and each fresh 4 MiB block
+page-faults again).
 
 ``floor/pipeline`` over ``autograd/single`` is an upper bound for any pipeline of this work on this
 machine: a pipeline that does the same micro-batched arithmetic cannot be faster than its stages'
@@ -157,13 +160,27 @@ def _worker(kind: str, rank: int, world: int, m: int, warmup: int, steps: int, b
     queue.put(elapsed)
 
 
-def launch(kind: str, world: int, m: int, warmup: int, steps: int) -> float:
+# glibc returns freed blocks of 4 MiB and more to the OS (mmap/trim), so every fresh weight-sized
+# tensor page-faults again; with these thresholds raised it keeps them (read at process start)
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 28), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
+def launch(kind: str, world: int, m: int, warmup: int, steps: int, env: dict[str, str]) -> float:
     """Samples/s of ``steps`` batches, the slowest of ``world`` processes started together."""
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(world), ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(kind, r, world, m, warmup, steps, barrier, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # a spawned child starts with the parent's environment
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
     times = [queue.get(timeout=600) for _ in procs]
     for p in procs:
         p.join(timeout=60)
@@ -180,16 +197,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     m = args.microbatches
-    contenders = [  # name, kind, processes, micro-batches
-        ("autograd/single", "autograd", 1, 1),
-        ("floor/single", "kernels", 1, 1),
-        (f"floor/single-m{m}", "kernels", 1, m),
-        (f"floor/pipeline-m{m}", "kernels", STAGES, m),
+    contenders = [  # name, kind, processes, micro-batches, environment
+        ("autograd/single", "autograd", 1, 1, {}),
+        ("autograd/single-tuned-malloc", "autograd", 1, 1, TUNED_MALLOC),
+        ("floor/single", "kernels", 1, 1, {}),
+        (f"floor/single-m{m}", "kernels", 1, m, {}),
+        (f"floor/pipeline-m{m}", "kernels", STAGES, m, {}),
     ]
     samples: dict[str, list[float]] = {c[0]: [] for c in contenders}
     for r in range(args.rounds):
-        for name, kind, world, mb in contenders:
-            samples[name].append(launch(kind, world, mb, args.warmup, args.steps))
+        for name, kind, world, mb, env in contenders:
+            samples[name].append(launch(kind, world, mb, args.warmup, args.steps, env))
         print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.0f}" for n, v in samples.items()), flush=True)
 
     base = samples["autograd/single"]
@@ -204,7 +222,7 @@ def main() -> None:
         "| contender | processes | samples/s (median) | min-max | vs autograd/single |",
         "|---|---|---:|---:|---:|",
     ]
-    for name, _, world, _ in contenders:
+    for name, _, world, _, _ in contenders:
         v = samples[name]
         med = statistics.median(v)
         lines.append(f"| {name} | {world} x 1 thread | {med:.1f} | {min(v):.1f}-{max(v):.1f} | "
