@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from lightning_asyncpipe.policies.recompute import shifted_weights
 from lightning_asyncpipe.wgrad import DeferredWeightGrad, grad_into_live
 
 
@@ -101,6 +102,40 @@ def test_marked_computed_weights_defer_into_the_live_layer() -> None:
 
     deferred, usual = run(True), run(False)
     for (name, a), (_, b) in zip(deferred.named_parameters(), usual.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("defer", [True, False])
+def test_shifted_weights_reuse_buffers_and_pass_the_gradient_to_the_live_weights(defer: bool) -> None:
+    """shifted_weights gives ``W - alpha * delta`` in the same buffers at every call, and the
+    gradient through it reaches the live weights as autograd's through ``W - alpha * delta`` does,
+    deferred (linear weights) or not (biases, or every weight with deferral off)."""
+    inputs = _micro_batches()
+    deltas = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) for n, p in
+              _stage().named_parameters()}  # fmt: skip
+    alpha = 2.0
+
+    usual = _stage()
+    for x in inputs:
+        weights = {n: p - alpha * deltas[n] for n, p in usual.named_parameters()}
+        functional_call(usual, weights, (x,)).pow(2).mean().backward()
+
+    model = _stage()
+    deferral = DeferredWeightGrad(model)
+    deferral.active = defer
+    named = list(model.named_parameters())
+    buffers = [torch.empty_like(p) for _, p in named]
+    for x in inputs:
+        weights = shifted_weights(named, [deltas[n] for n, _ in named], [alpha] * len(named), buffers)
+        for (name, p), buf in zip(named, buffers):
+            w = weights[name]
+            assert w.data_ptr() == buf.data_ptr() and buf.grad_fn is None and w.requires_grad
+            torch.testing.assert_close(w, p - alpha * deltas[name], rtol=0, atol=1e-6)
+        functional_call(model, weights, (x,)).pow(2).mean().backward()
+    if defer:
+        assert deferral.pending and model[0].weight.grad is None  # the linear weights waited
+        deferral.flush()
+    for (name, a), (_, b) in zip(model.named_parameters(), usual.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=name)
 
 

@@ -34,12 +34,13 @@ class _Shifted(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, live: Tensor, delta: Tensor, alpha: float, holder: list[Tensor]) -> Tensor:
+        ctx.set_materialize_grads(False)  # a deferred weight gradient arrives as None: pass it on, no zeros
         out = holder[0]
         torch.sub(live, delta, alpha=alpha, out=out)
         return out.view_as(out)  # a fresh tensor object per call; the buffer itself carries no history
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+    def backward(ctx: Any, grad: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
         return grad, None, None, None
 
 
