@@ -41,7 +41,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -91,7 +91,8 @@ class StageKernels:
             if self.first + i < LAYERS - 1:  # ReLU after every layer but the model's last
                 y.relu_()
 
-    def backward(self, j: int) -> None:
+    def backward(self, j: int) -> Optional[torch.Tensor]:
+        """The backward of micro-batch ``j``; returns the gradient of the stage's input (None on stage 0)."""
         r = self._rows(j)
         n = self.last - self.first
         if self.last == LAYERS:  # d mse / d y, the loss of this micro-batch scaled as one of m
@@ -104,6 +105,7 @@ class StageKernels:
                 g = torch.ops.aten.threshold_backward.grad_input(g, self.out[i][r], 0.0, grad_input=self.gy[i][r])
             if self.first + i > 0:
                 g = torch.mm(g, self.w[i])
+        return g if self.first > 0 else None
 
     def update(self) -> None:
         n = self.last - self.first
