@@ -117,9 +117,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def pin_to_core(rank: int, threads: int = 1) -> None:
+    """With ``--pin`` (``ASYNCPIPE_BENCH_PIN=1``, inherited by every worker): run the one-thread
+    process of ``rank`` on core ``rank % cpus`` only, so two stages never share a core."""
+    if os.environ.get("ASYNCPIPE_BENCH_PIN") == "1" and threads == 1 and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {rank % (os.cpu_count() or 1)})
+
+
 def write_rank_result(prefix: str, rank: int, result: dict[str, Any]) -> None:
     result["rss_kib"] = peak_rss_kib()
     result["rank"] = rank
+    result["cores"] = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     with open(f"{prefix}.rank{rank}.json", "w") as f:
         json.dump(result, f)
 
@@ -314,6 +322,7 @@ def run_ceiling(rank: int, n_stages: int, cfg: dict[str, Any], policy: str) -> d
 
 
 def spawn_worker(rank: int, kind: str, arg: str, world: int, port: int, cfg: dict[str, Any], prefix: str) -> None:
+    pin_to_core(rank, int(arg) if kind == "single" else 1)
     if kind == "single":
         torch.set_num_threads(int(arg))
         write_rank_result(prefix, rank, {**run_single(cfg), "threads": torch.get_num_threads()})
@@ -347,6 +356,7 @@ def lightning_worker(argv: list[str]) -> None:
     p.add_argument("--prefix", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
+    pin_to_core(int(os.environ.get("LOCAL_RANK", "0")))  # rank 0 is this process; Lightning starts the others
 
     import lightning as L
     from torch.utils.data import DataLoader, Dataset
@@ -425,6 +435,7 @@ def collect(prefix: str, world: int) -> dict[str, Any]:
         "elapsed_s": elapsed,
         "rss_mib": [round(p["rss_kib"] / 1024, 1) for p in parts],
         "peak_stashed_bytes": [p.get("peak_stashed_bytes") for p in parts],
+        "cores": [p.get("cores") for p in parts],  # the cores each rank was allowed to run on
     }
 
 
@@ -499,7 +510,8 @@ def markdown(results: list[dict[str, Any]], cfg: dict[str, Any], meta: dict[str,
     lines = [
         f"Model: {model}, SGD lr {LR} momentum {MOMENTUM}; batch {BATCH} ({'sequences' if MODEL == 'gpt' else 'samples'}), "
         f"{MICROBATCHES} micro-batches, {cfg['stages']} stages. {cfg['warmup']} warm-up + {cfg['steps']} timed steps, "
-        f"median of {cfg['repeats']} round(s), every contender once per round in table order. {meta['cpus']} CPUs, torch {meta['torch']}, gloo.",
+        f"median of {cfg['repeats']} round(s), every contender once per round in table order. {meta['cpus']} CPUs, torch {meta['torch']}, gloo."
+        + (" Every one-thread process pinned to its own core (`--pin`)." if meta.get("pinned") else ""),
         "",
         "| contender | group | processes | samples/s (median) | min-max | vs (a) | vs best (c) | vs ceiling (e) | peak RSS MiB (max process) | stashed weights MiB (max stage) |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -556,7 +568,11 @@ def main() -> None:
     p.add_argument("--model", choices=["mlp", "gpt"], default="mlp")
     p.add_argument("--microbatches", type=int, default=None, help="micro-batches per batch (default: the model's)")
     p.add_argument("--render", default=None, metavar="JSON", help="only rewrite the .md of a saved results JSON")
+    p.add_argument("--pin", action="store_true",
+                   help="pin every one-thread process to one core (rank %% cpus), for every contender alike")
     a = p.parse_args()
+    if a.pin:
+        os.environ["ASYNCPIPE_BENCH_PIN"] = "1"  # read by every worker, spawned or started by Lightning
     if a.model != MODEL or (a.microbatches is not None and a.microbatches != MICROBATCHES):
         # the module-level model constants follow the environment: re-run with it set
         env = {**os.environ, "ASYNCPIPE_BENCH_MODEL": a.model}
@@ -567,7 +583,7 @@ def main() -> None:
         render(a.render)
         return
     name = ("throughput" + ("_gpt" if MODEL == "gpt" else "") + ("" if a.stages == 2 else f"_{a.stages}stages")
-            + (f"_m{MICROBATCHES}" if a.microbatches is not None else ""))  # fmt: skip
+            + (f"_m{MICROBATCHES}" if a.microbatches is not None else "") + ("_pinned" if a.pin else ""))  # fmt: skip
     cfg = {
         "stages": a.stages,
         "warmup": a.warmup if a.warmup is not None else (2 if a.quick else 5),
@@ -575,7 +591,7 @@ def main() -> None:
         "repeats": a.repeats if a.repeats is not None else (1 if a.quick else 5),
     }
     meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "backend": "gloo"}  # fmt: skip
+            "platform": platform.platform(), "backend": "gloo", "pinned": bool(a.pin)}  # fmt: skip
     os.makedirs(a.out, exist_ok=True)
     selected = contenders(a.stages)
     if a.only:
@@ -601,6 +617,7 @@ def main() -> None:
                 row["elapsed_s"] += r["elapsed_s"]
                 row["rss_mib"] = [max(x) for x in zip(row["rss_mib"], r["rss_mib"])] if row["rss_mib"] else r["rss_mib"]
                 row["peak_stashed_bytes"] += [b for b in r["peak_stashed_bytes"] if b is not None]
+                row["cores"] = r["cores"]
                 status = f"{cfg['steps'] * BATCH / r['elapsed_s'][0]:.1f} samples/s"
             except Exception as err:  # keep going: one failing contender must not hide the others
                 row["error"] = f"{type(err).__name__}: {err}"
