@@ -5,9 +5,10 @@
     python benchmarks/throughput.py --stages 4 # contention check (4 processes)
     python benchmarks/throughput.py --model gpt  # the main job's character GPT (batch 32, 4 micro-batches)
     python benchmarks/throughput.py --microbatches 4  # another number of micro-batches (same batch)
+    python benchmarks/throughput.py --pin      # every one-thread process on its own core, all contenders alike
     python benchmarks/throughput.py --model gpt --render benchmarks/results/throughput_gpt.json  # table only
 
-Writes ``benchmarks/results/throughput[_gpt][_<N>stages][_m<M>].{json,md}``.
+Writes ``benchmarks/results/throughput[_gpt][_<N>stages][_m<M>][_pinned].{json,md}``.
 
 Contenders (one process per stage, ``torch.set_num_threads(1)`` and ``OMP_NUM_THREADS=1`` in each):
 
