@@ -49,7 +49,9 @@ sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
-from throughput import BATCH, LAYERS, LR, MOMENTUM, WIDTH, build_model, loss_fn, make_batches, make_optimizer  # noqa: E402
+from throughput import (  # noqa: E402
+    BATCH, LAYERS, LR, MOMENTUM, WIDTH, build_model, loss_fn, make_batches, make_optimizer, uniform_counts,
+)
 
 STAGES = 2
 
@@ -130,8 +132,9 @@ class StageKernels:
 
 
 def _stage_bounds(stage: int, n_stages: int) -> tuple[int, int]:
-    per = LAYERS // n_stages
-    return stage * per, (stage + 1) * per
+    """The layers of ``stage`` in throughput.py's (and the engine's uniform) split."""
+    counts = uniform_counts(LAYERS, n_stages)
+    return sum(counts[:stage]), sum(counts[: stage + 1])
 
 
 def _worker(kind: str, rank: int, world: int, m: int, warmup: int, steps: int, barrier: Any, queue: Any) -> None:

@@ -81,13 +81,17 @@ class PipelinedBackpropPolicy(RecomputingPolicy):
             return None
         lr_of = {id(p): g["lr"] for g in self.optimizer.param_groups for p in g["params"]}
         named = self._named_live()
-        self._scratch = self._scratch_buffers(self._scratch)
-        weights: dict[str, Tensor] = {name: p for name, p in named}
-        predicted = [(named_p, buf, lr_of.get(id(named_p[1]), 0.0) * gap, scratch)
-                     for named_p, scratch in zip(named, self._scratch)
-                     if (buf := self.optimizer.state.get(named_p[1], {}).get("momentum_buffer")) is not None]  # fmt: skip
-        if predicted:
-            weights.update(shifted_weights(*map(list, zip(*predicted))))
+        self._scratch = self._scratch_buffers(self._scratch, [p for _, p in named])
+        weights: dict[str, Tensor] = dict(named)  # no momentum yet: the live weight
+        moving, velocities, alphas, buffers = [], [], [], []
+        for (name, p), scratch in zip(named, self._scratch):
+            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                moving.append((name, p))
+                velocities.append(buf)
+                alphas.append(lr_of.get(id(p), 0.0) * gap)
+                buffers.append(scratch)
+        weights.update(shifted_weights(moving, velocities, alphas, buffers))
         return weights
 
     def extra_buffers(self) -> int:

@@ -85,7 +85,7 @@ class PipeMarePolicy(RecomputingPolicy):
         if not self.discrepancy_correction or self._velocity is None or gap == 0:
             return None
         named = self._named_live()
-        self._scratch = self._scratch_buffers(self._scratch)
+        self._scratch = self._scratch_buffers(self._scratch, [p for _, p in named])
         return shifted_weights(named, self._velocity, [gap] * len(named), self._scratch)
 
     def lr_factor(self) -> float:
@@ -97,7 +97,7 @@ class PipeMarePolicy(RecomputingPolicy):
         before = None
         if correcting:
             live = [p.detach() for _, p in self._named_live()]
-            before = self._scratch = self._scratch_buffers(self._scratch)
+            before = self._scratch = self._scratch_buffers(self._scratch, live)
             torch._foreach_copy_(before, live)
 
         def step(optimizer: Optimizer) -> None:

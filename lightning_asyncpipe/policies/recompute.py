@@ -118,9 +118,9 @@ class RecomputingPolicy(WeightPolicy):
         assert self.module is not None
         return list(self.module.named_parameters())
 
-    def _scratch_buffers(self, scratch: Optional[list[Tensor]]) -> list[Tensor]:
-        """``scratch`` if it still matches the live weights' shapes, else new weight-sized buffers."""
-        live = [p for _, p in self._named_live()]
+    @staticmethod
+    def _scratch_buffers(scratch: Optional[list[Tensor]], live: Sequence[Tensor]) -> list[Tensor]:
+        """``scratch`` if it still matches the shapes of ``live``, else new buffers like them."""
         if scratch is None or [b.shape for b in scratch] != [p.shape for p in live]:
             scratch = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in live]
         return scratch
