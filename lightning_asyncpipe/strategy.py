@@ -173,6 +173,7 @@ class AsyncPipeStrategy(ParallelStrategy):
         self._executor: Optional[PipelineExecutor] = None
         self._recorder = LogRecorder()
         self._pipeline: Optional[StagePipeline] = None
+        self._fit_pipeline: Optional[StagePipeline] = None
         self.pipeline_metrics = pipeline_metrics
         self.detect_anomaly = detect_anomaly
         self.defer_weight_grad = defer_weight_grad
@@ -385,6 +386,9 @@ class AsyncPipeStrategy(ParallelStrategy):
         )
         self._executor.check_finite = self.detect_anomaly
         self._pipeline = StagePipeline(self._executor, self.microbatches, self.optimizers[0] if self.optimizers else None)
+        if trainer.state.fn == TrainerFn.FITTING:
+            # checkpoints hold this one's state, also when saved after fit and a later validate/test
+            self._fit_pipeline = self._pipeline
         self._drain_before_validation_zero_grad(module)
         self._metrics = PipelineMetrics(topo.n_stages, stage, self._groups.pipeline) if self.pipeline_metrics else None
         self._last_step_start = None
@@ -543,7 +547,7 @@ class AsyncPipeStrategy(ParallelStrategy):
 
     def drain(self) -> None:
         """Complete the micro-batches in flight and apply their updates (all stages call it together)."""
-        if self._pipeline is not None:
+        if self._pipeline is not None and self._executor is not None:
             self._pipeline.drain()  # backwards and updates only: no user code runs
         if self._handoff is not None:
             self._pending_payloads += self._handoff.flush()
@@ -722,18 +726,25 @@ class AsyncPipeStrategy(ParallelStrategy):
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         assert self.lightning_module is not None
+        if self._partition is None:  # after teardown every rank holds the whole, drained module again
+            return self.lightning_module.state_dict()
         self.drain()  # a checkpoint holds no half-applied batch
         parts = self._gather_stages_to_zero(self.lightning_module.state_dict())
         return {} if parts is None else {k: v for part in parts for k, v in part.items()}
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        assert self.lightning_module is not None and self._partition is not None
-        parts = self._gather_stages_to_zero(optimizer_state_by_name(optimizer, self.lightning_module))
+        module = self.lightning_module
+        assert module is not None
+        # each stage's optimizer holds its own layers' state, during fit and after teardown alike
+        parts = self._gather_stages_to_zero(optimizer_state_by_name(optimizer, module))
         if parts is None:
             return {}
-        prefix = self._partition.attr + "."
-        order = [prefix + n for n, _ in _named_parameters_of(self._partition)]
+        if self._partition is not None:
+            prefix = self._partition.attr + "."
+            order = [prefix + n for n, _ in _named_parameters_of(self._partition)]
+        else:  # after teardown: the module is whole again
+            order = [n for n, _ in module.named_parameters(remove_duplicate=False)]
         return merge_optimizer_states(parts, order)
 
     @override
@@ -775,9 +786,9 @@ class AsyncPipeStrategy(ParallelStrategy):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         """Add the drained pipeline's state (collective: every rank calls it, as Lightning does)."""
-        if self._pipeline is not None and self.optimizers and "optimizer_states" in checkpoint:
+        if self._fit_pipeline is not None and self.optimizers and "optimizer_states" in checkpoint:
             self.drain()  # already drained by lightning_module_state_dict; a no-op then
-            parts = self._gather_stages_to_zero(self._pipeline.state_dict())
+            parts = self._gather_stages_to_zero(self._fit_pipeline.state_dict())
             if parts is not None:
                 checkpoint[PIPELINE_STATE_KEY] = merge_pipeline_states(parts)
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
