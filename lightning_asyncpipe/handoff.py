@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 import pickle
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -154,34 +154,3 @@ class StepHandoff:
             ready.append(loads(raw))
         return ready
 
-
-def deferred_sigterm_check(trainer: Any) -> Optional[Any]:
-    """A replacement for Lightning's per-batch SIGTERM broadcast that does not stall the pipeline.
-
-    Lightning broadcasts rank 0's SIGTERM flag, blocking, at the start of every training batch,
-    which would make every stage wait for the last stage's previous step. This version posts the
-    broadcast without waiting and checks the one from the previous batch instead: a SIGTERM still
-    stops every rank, one batch later.
-    """
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    pending: list[tuple[Any, Tensor]] = []
-    device = trainer.strategy.root_device
-
-    def check() -> None:
-        flag = torch.tensor([1 if getattr(trainer, "received_sigterm", False) else 0], device=device)
-        pending.append((dist.broadcast(flag, src=0, async_op=True), flag))
-        while len(pending) > 1:
-            work, previous = pending.pop(0)
-            work.wait()
-            if int(previous.item()) == 1:
-                dist.barrier()
-                raise SIGTERMException()
-
-    def drain() -> None:
-        while pending:
-            work, _ = pending.pop(0)
-            work.wait()
-
-    check.drain = drain  # type: ignore[attr-defined]
-    return check

@@ -18,12 +18,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.launchers.subprocess_script import _basic_subprocess_cmd
 
+from lightning_asyncpipe.signals import StopRequested
 from lightning_asyncpipe.watchdog import PARENT_PID_ENV, ChildWatch
 
 if TYPE_CHECKING:
@@ -75,6 +77,10 @@ class ScriptLauncher(_ValidatingMixin, _SubprocessScriptLauncher):
     def launch(self, function: Callable, *args: Any, trainer: Optional[Trainer] = None, **kwargs: Any) -> Any:
         try:
             return super().launch(function, *args, trainer=trainer, **kwargs)
+        except StopRequested:
+            self._wait_for_children(timeout=30.0)  # they stop at the same step; kill only stragglers
+            self.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
+            raise
         except BaseException:
             if self.watch is not None:
                 self.watch.stop(failed=True)
@@ -83,6 +89,14 @@ class ScriptLauncher(_ValidatingMixin, _SubprocessScriptLauncher):
         finally:
             if self.watch is not None:
                 self.watch.stop()
+
+    def _wait_for_children(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for proc in getattr(self, "procs", []):
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
 
     def _call_children_scripts(self) -> None:
         self._check_can_spawn_children()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -47,7 +48,7 @@ from lightning_asyncpipe.comm import PipelineGroups, TorchP2PTransport
 from lightning_asyncpipe.data import ResumableLoader
 from lightning_asyncpipe.errors import PipelineConfigError
 from lightning_asyncpipe.executor import PipelineExecutor
-from lightning_asyncpipe.handoff import StepHandoff, deferred_sigterm_check
+from lightning_asyncpipe.handoff import StepHandoff
 from lightning_asyncpipe.launch import ScriptLauncher, SpawnLauncher, reset_after_hydra_job
 from lightning_asyncpipe.metrics import PipelineMetrics
 from lightning_asyncpipe.microbatch import batch_size, microbatch_weights, split
@@ -63,6 +64,7 @@ from lightning_asyncpipe.partition import (
     partition_module,
     restore_module,
 )
+from lightning_asyncpipe.signals import StopRequest, StopRequested, StopSignals
 from lightning_asyncpipe.profiling import layer_costs, profile_layers, sequential_input
 from lightning_asyncpipe.policies import WeightPolicy, available_policies, get_policy, policy_class
 from lightning_asyncpipe.policies.base import StepFn
@@ -183,7 +185,7 @@ class AsyncPipeStrategy(ParallelStrategy):
         self._last_step_start: Optional[float] = None
         self.timeline: Optional[TimelineRecorder] = None
         self._handoff: Optional[StepHandoff] = None
-        self._sigterm_check: Any = None
+        self._stop_signals: Optional[StopSignals] = None
         self._last_output: Any = None
         self._pending_payloads: list[Any] = []
         self._failed = False
@@ -399,10 +401,56 @@ class AsyncPipeStrategy(ParallelStrategy):
         overlap = topo.n_replicas == 1
         self._handoff = StepHandoff(topo.pipeline_ranks(replica), self.global_rank, self._groups.pipeline,
                                     deferred=overlap, device=self.root_device)  # fmt: skip
-        self._sigterm_check = None
-        if overlap and trainer.state.fn == TrainerFn.FITTING and self.world_size > 1:
-            self._sigterm_check = deferred_sigterm_check(trainer)
-            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = self._sigterm_check  # type: ignore[method-assign]
+        self._setup_stop_signals(trainer)
+
+    def _setup_stop_signals(self, trainer: Trainer) -> None:
+        """SIGTERM / SIGINT to any process stop every stage at the same step (:mod:`~lightning_asyncpipe.signals`).
+
+        Lightning's own SIGTERM handler broadcasts from inside the handler (a collective the other
+        ranks are not in) and its per-batch check blocks every stage on rank 0: both are replaced."""
+        if self._stop_signals is not None:
+            self._stop_signals.uninstall()
+        self._stop_signals = None
+        if self.world_size < 2:
+            return
+        topo = self.topology
+        self._stop_signals = StopSignals(self.global_rank, self.world_size, self.root_device,
+                                         lambda rank: f"stage {topo.stage_of(rank)} (rank {rank})")  # fmt: skip
+        self._stop_signals.install()
+        trainer._signal_connector._sigterm_notifier_fn = self._stop_signals.handler  # type: ignore[method-assign]
+        if trainer.state.fn == TrainerFn.FITTING:
+            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = self._check_stop  # type: ignore[method-assign]
+
+    def _check_stop(self) -> None:
+        """At each training step boundary: stop if any rank got a stop signal (agreed a step late)."""
+        assert self._stop_signals is not None
+        request = self._stop_signals.check()
+        if request is not None:
+            self._stop(request)
+
+    def _stop(self, request: StopRequest) -> None:
+        """Every rank, at the same step: drain, write a resumable checkpoint where a checkpoint
+        callback is configured, and end with ``128 + signum``."""
+        assert self._stop_signals is not None and self.lightning_module is not None
+        self._stop_signals.drain()
+        trainer = self.lightning_module.trainer
+        callback = trainer.checkpoint_callback
+        path = None
+        if callback is not None and getattr(callback, "dirpath", None):
+            path = os.path.join(str(callback.dirpath), "interrupted.ckpt")
+            trainer.save_checkpoint(path)  # drains the pipeline first
+        watch = getattr(self._launcher, "watch", None)
+        if watch is not None:
+            watch.stop()  # in the main process: the other stages now end on purpose
+        self.barrier()
+        where = request.describe(lambda rank: f"stage {self.topology.stage_of(rank)} (rank {rank})")
+        saved = f"resumable checkpoint: {path}" if path else "no checkpoint callback, so no checkpoint was written"
+        message = (f"stopped every stage after step {trainer.global_step} on {where}; {saved} "
+                   f"(exit status {128 + request.signum}).")  # fmt: skip
+        if self.global_rank == 0:
+            sys.stderr.write(f"AsyncPipeStrategy: {message}\n")
+            sys.stderr.flush()
+        raise StopRequested(request, message)
 
     def _measured_balance(self, module: LightningModule) -> list[int]:
         """``balance="time"`` / ``"memory"``: profile every layer on this rank's device, average the
@@ -670,8 +718,8 @@ class AsyncPipeStrategy(ParallelStrategy):
     @override
     def on_train_end(self) -> None:
         self.drain()
-        if self._sigterm_check is not None:
-            self._sigterm_check.drain()
+        if self._stop_signals is not None and (request := self._stop_signals.drain()) is not None:
+            self._stop(request)  # a signal during the last step: the job still ends as stopped
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -798,8 +846,8 @@ class AsyncPipeStrategy(ParallelStrategy):
     @override
     def on_exception(self, exception: BaseException) -> None:
         self._failed = True
-        if self._parent_watch is not None:
-            self._parent_watch.stop(failed=True)  # says so if the main process was lost
+        if self._parent_watch is not None:  # says so if the main process was lost
+            self._parent_watch.stop(failed=not isinstance(exception, StopRequested))
 
     @override
     def teardown(self) -> None:
@@ -819,6 +867,8 @@ class AsyncPipeStrategy(ParallelStrategy):
         if self._parent_watch is not None:
             self._parent_watch.stop()
             self._parent_watch = None
+        if self._stop_signals is not None:
+            self._stop_signals.uninstall()  # the deadline of a received signal stays armed
         super().teardown()
         if isinstance(self._launcher, ScriptLauncher):
             reset_after_hydra_job(self._launcher)
