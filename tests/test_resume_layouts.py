@@ -12,20 +12,31 @@ from tests.helpers.launch import run_script
 from tests.helpers.models import SeqRegressor
 
 
+POLICIES = ["pipedream_flush", "pipedream_2bw"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory):
+    """Three launches for both policies: 2 stages (uninterrupted; first epoch), 4 stages (first
+    epoch; resume of the 2-stage checkpoint), 2 stages (resume of the 4-stage checkpoint)."""
+    out = tmp_path_factory.mktemp("layouts")
+    for devices, modes in [(2, ["straight", "first"]), (4, ["first", "resume:first-2/last.ckpt"]),
+                           (2, ["resume:first-4/last.ckpt"])]:  # fmt: skip
+        result = run_script("fit_resume_stages.py", out, devices, *[f"{p}:{m}" for p in POLICIES for m in modes],
+                            timeout=240)  # fmt: skip
+        assert result.returncode == 0, result.output[-5000:]
+    return out
+
+
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("policy", ["pipedream_flush", "pipedream_2bw"])
-def test_checkpoints_move_between_stage_counts(tmp_path, policy: str) -> None:
-    for args in [(2, "straight"), (2, "first"), (4, "first")]:
-        result = run_script("fit_resume_stages.py", tmp_path, policy, *args, timeout=180)
-        assert result.returncode == 0, result.output[-5000:]
+@pytest.mark.parametrize("policy", POLICIES)
+def test_checkpoints_move_between_stage_counts(runs, policy: str) -> None:
+    out = runs / policy
     for devices, source in [(4, 2), (2, 4)]:
-        ckpt = tmp_path / f"first-{source}" / "last.ckpt"
-        result = run_script("fit_resume_stages.py", tmp_path, policy, devices, "resume", ckpt, timeout=180)
-        assert result.returncode == 0, result.output[-5000:]
-        straight, resumed = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / f"resumed-to-{devices}.pt")
+        straight, resumed = torch.load(out / "straight.pt"), torch.load(out / f"resumed-to-{devices}.pt")
         for name in straight:
             torch.testing.assert_close(resumed[name], straight[name], atol=1e-6, rtol=0, msg=f"{source}->{devices}")
-    saved = torch.load(tmp_path / "first-4" / "last.ckpt", weights_only=False)
+    saved = torch.load(out / "first-4" / "last.ckpt", weights_only=False)
     assert len(saved["optimizer_states"][0]["state"]) == 10  # AdamW state of all 10 parameters, one file
-    plain = SeqRegressor.load_from_checkpoint(tmp_path / "first-4" / "last.ckpt")
+    plain = SeqRegressor.load_from_checkpoint(out / "first-4" / "last.ckpt")
     assert sum(p.numel() for p in plain.parameters()) == sum(v.numel() for v in saved["state_dict"].values())

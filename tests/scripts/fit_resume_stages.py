@@ -1,9 +1,11 @@
 """Checkpoints move between pipeline layouts: train with N stages, resume with M.
 
-Usage: python fit_resume_stages.py OUT_DIR POLICY DEVICES MODE [CKPT]
+Usage: python fit_resume_stages.py OUT_DIR DEVICES JOB [JOB ...]
+  JOB is POLICY:MODE or POLICY:resume:CKPT (paths relative to OUT_DIR/POLICY); one launch runs
+  its jobs in order, each in OUT_DIR/POLICY:
   MODE straight: 2 epochs, save weights to straight.pt
   MODE first:    1 epoch, checkpoint in first-<DEVICES>/last.ckpt
-  MODE resume:   resume CKPT to 2 epochs, save weights to resumed-from-<ckpt stages>-to-<DEVICES>.pt
+  MODE resume:   resume CKPT to 2 epochs, save weights to resumed-to-<DEVICES>.pt
 """
 
 import os
@@ -21,8 +23,7 @@ from tests.helpers.models import SeqRegressor, loader, regression_data  # noqa: 
 torch.set_num_threads(1)
 
 
-def main() -> None:
-    out, policy, devices, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+def run(out: str, devices: int, policy: str, mode: str, ckpt: str | None) -> None:
     L.seed_everything(5)
     model = SeqRegressor(optimizer="adamw", lr=0.02, depth=5)  # 9 layers: 2 or 4 stages
     callbacks = [ModelCheckpoint(dirpath=os.path.join(out, f"first-{devices}"), save_last=True, save_top_k=0)]
@@ -32,10 +33,19 @@ def main() -> None:
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=callbacks if mode == "first" else [], enable_checkpointing=mode == "first",
     )  # fmt: skip
-    trainer.fit(model, loader(regression_data(48), 8), ckpt_path=sys.argv[5] if mode == "resume" else None)
+    trainer.fit(model, loader(regression_data(48), 8), ckpt_path=os.path.join(out, ckpt) if ckpt else None)
     if trainer.global_rank == 0 and mode != "first":
         name = "straight.pt" if mode == "straight" else f"resumed-to-{devices}.pt"
         torch.save(model.state_dict(), os.path.join(out, name))
+
+
+def main() -> None:
+    out, devices = sys.argv[1], int(sys.argv[2])
+    for job in sys.argv[3:]:
+        policy, mode, *ckpt = job.split(":")
+        folder = os.path.join(out, policy)
+        os.makedirs(folder, exist_ok=True)
+        run(folder, devices, policy, mode, ckpt[0] if ckpt else None)
 
 
 if __name__ == "__main__":
