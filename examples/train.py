@@ -5,7 +5,8 @@
     python examples/train.py -m strategy=gpipe,pipedream_2bw   # one job per policy
     python examples/train.py experiment=quick                  # a one-minute smoke run
 
-Prints, at the end, the final train and validation loss, samples/s, and per stage the measured
+Prints, at the end, the final train and validation loss, samples/s over the whole run (and of
+the last logging window), and per stage the measured
 bubble, the staleness of applied gradients and the stashed-weight memory, plus where the logs,
 checkpoint and timeline were written.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +41,34 @@ def _callbacks(cfg: DictConfig) -> list[Any]:
     return [instantiate(c) for c in (cfg.callbacks or {}).values()]
 
 
-def summary(trainer: L.Trainer, n_stages: int, out: Path, callbacks: list[Any]) -> str:
+class RunClock(L.Callback):
+    """Samples trained and wall time from the start to the end of training (validation and
+    checkpoints included): the whole run's throughput, not one logging window's."""
+
+    def __init__(self) -> None:
+        self.samples, self.started, self.seconds = 0, 0.0, float("nan")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.samples, self.started = 0, time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        self.samples += len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seconds = time.perf_counter() - self.started
+
+
+def summary(trainer: L.Trainer, n_stages: int, out: Path, callbacks: list[Any], clock: RunClock) -> str:
     """The end-of-run report, from the metrics the run logged."""
     m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    tokens = m.get("pipeline/tokens_per_sec", float("nan")) / m.get("pipeline/samples_per_sec", float("nan"))
+    run_rate = clock.samples / clock.seconds
     lines = [
         f"final train_loss {m.get('train_loss', float('nan')):.4f}   val_loss {m.get('val_loss', float('nan')):.4f}",
-        f"throughput       {m.get('pipeline/samples_per_sec', float('nan')):.1f} samples/s, "
-        f"{m.get('pipeline/tokens_per_sec', float('nan')):.0f} tokens/s",
+        f"throughput       {run_rate:.1f} samples/s, {run_rate * tokens:.0f} tokens/s over the run "
+        f"({clock.samples} samples in {clock.seconds:.1f} s, validation and checkpoints included); "
+        f"last window {m.get('pipeline/samples_per_sec', float('nan')):.1f} samples/s",
         "stage  bubble  staleness(mean/max)  weight copies  stashed weights  activations",
     ]
     for s in range(n_stages):
@@ -72,12 +95,13 @@ def main(cfg: DictConfig) -> None:
     log.info(f"Instantiating strategy <{cfg.strategy._target_}> with policy {cfg.strategy.policy}")
     strategy = instantiate(cfg.strategy)
     model, data = instantiate(cfg.model), instantiate(cfg.data)
-    callbacks = _callbacks(cfg)
+    clock = RunClock()
+    callbacks = [*_callbacks(cfg), clock]
     logger = instantiate(cfg.logger) if cfg.logger else False
     trainer = instantiate(cfg.trainer, strategy=strategy, logger=logger, callbacks=callbacks)
     trainer.fit(model, data, ckpt_path=cfg.ckpt_path)
     if trainer.is_global_zero:
-        print("\n" + summary(trainer, strategy.topology.n_stages, out, callbacks), flush=True)
+        print("\n" + summary(trainer, strategy.topology.n_stages, out, callbacks, clock), flush=True)
 
 
 if __name__ == "__main__":

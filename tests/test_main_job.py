@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.helpers.launch import ROOT, run_script
@@ -19,6 +21,11 @@ def test_override_command(tmp_path) -> None:
     assert result.returncode == 0, result.output[-5000:]
     out = result.output
     assert "final train_loss" in out and "samples/s" in out
+    # the summary's throughput is the whole run's: every trained sample over the training time
+    run = re.search(r"([\d.]+) samples/s, \d+ tokens/s over the run \((\d+) samples in ([\d.]+) s", out)
+    assert run is not None, out[-3000:]
+    assert int(run[2]) == 8 * 16  # max_steps x the quick experiment's batch size
+    assert float(run[1]) == pytest.approx(int(run[2]) / float(run[3]), rel=0.05)
     rows = [line for line in out.splitlines() if line.strip()[:1].isdigit() and "MiB" in line]
     assert len(rows) == 4  # one summary row per stage
     assert (tmp_path / "timeline" / "timeline.png").exists() and (tmp_path / "timeline" / "timeline.json").exists()

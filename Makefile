@@ -1,0 +1,26 @@
+# Two commands from a fresh clone: `make train` (the main job) and `make test` (the test suite).
+# Both first install what they need into .venv (tools/install.sh: torch 2.13.0, the CPU build
+# where there is no NVIDIA GPU, then this package with its dev extras); later calls reuse it.
+# Installing into your own environment keeps working: `pip install -e ".[dev]"`, then
+# `python examples/train.py` and `python -m pytest -q`.
+VENV ?= .venv
+PY   := $(VENV)/bin/python
+
+.PHONY: install train test clean
+
+$(VENV)/.installed: pyproject.toml tools/install.sh
+	bash tools/install.sh $(VENV)
+	touch $@
+
+install: $(VENV)/.installed
+
+# the main job; Hydra overrides go in ARGS, e.g. make train ARGS="strategy=pipemare trainer.devices=4"
+train: install
+	$(PY) examples/train.py $(ARGS)
+
+# the test suite (CPU; launches gloo processes); pytest options go in ARGS, e.g. ARGS="-k signals"
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV)
