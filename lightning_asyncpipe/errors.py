@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "AsyncPipeError", "BalanceError", "ScheduleError", "PipelineConfigError", "StageFailure", "ShapeError",
-    "NonFiniteError",
+    "NonFiniteError", "CheckpointError",
 ]  # fmt: skip
 
 
@@ -34,3 +34,7 @@ class StageFailure(AsyncPipeError):
 
 class NonFiniteError(AsyncPipeError):
     """NaN or Inf in a stage's output or in the loss (raised when anomaly detection is on)."""
+
+
+class CheckpointError(PipelineConfigError):
+    """A checkpoint file that is missing, truncated or corrupt (named, with what to do)."""

@@ -25,6 +25,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.launchers.subprocess_script import _basic_subprocess_cmd
 
+from lightning_asyncpipe.checkpoint_io import check_readable
 from lightning_asyncpipe.signals import StopRequested
 from lightning_asyncpipe.watchdog import PARENT_PID_ENV, ChildWatch
 
@@ -66,6 +67,9 @@ class _ValidatingMixin:
     def launch(self, function: Callable, *args: Any, trainer: Optional[Trainer] = None, **kwargs: Any) -> Any:
         if args and isinstance(args[0], LightningModule):
             self.strategy._check_module(args[0])
+        for arg in args:  # fit/validate/test/predict's ckpt_path: a damaged file fails here, before any launch
+            if isinstance(arg, str) and arg not in ("last", "best", "hpc") and not arg.startswith("registry"):
+                check_readable(arg)
         return super().launch(function, *args, trainer=trainer, **kwargs)  # type: ignore[misc]
 
 

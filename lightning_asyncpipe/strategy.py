@@ -44,6 +44,7 @@ from lightning_asyncpipe.checkpoint import (
     merge_pipeline_states,
     optimizer_state_by_name,
 )
+from lightning_asyncpipe.checkpoint_io import AtomicCheckpointIO
 from lightning_asyncpipe.comm import PipelineGroups, TorchP2PTransport
 from lightning_asyncpipe.data import ResumableLoader
 from lightning_asyncpipe.errors import PipelineConfigError
@@ -146,7 +147,7 @@ class AsyncPipeStrategy(ParallelStrategy):
             accelerator=accelerator,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
+            checkpoint_io=checkpoint_io if checkpoint_io is not None else AtomicCheckpointIO(),
             precision_plugin=precision_plugin,
         )
         name = type(self).__name__

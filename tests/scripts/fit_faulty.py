@@ -8,7 +8,8 @@ Usage: python fit_faulty.py MODE TOKEN
         micro-batches), ragged (stage 0's output length depends on the data), dict-between-stages,
         detached (stage 0's output does not require grad), 2bw-few-microbatches, pb-adamw,
         other-model-checkpoint (ckpt_path written for a model of another width);
-        stall (stage 0 hangs for 120 s at its 5th training forward; timeout=15 s)
+        stall (stage 0 hangs for 120 s at its 5th training forward; timeout=15 s);
+        ckpt (fit from the checkpoint file given as TOKEN)
   TOKEN: an arbitrary marker, so the test can look for processes left behind
 """
 
@@ -132,6 +133,8 @@ def main() -> None:
         if not os.path.exists(ckpt_path):  # written by the main process before launch
             torch.save({"state_dict": SeqRegressor(width=32).state_dict(), "pytorch-lightning_version": L.__version__},
                        ckpt_path)  # fmt: skip
+    if mode == "ckpt":  # argv[2]: a damaged checkpoint file
+        ckpt_path = sys.argv[2]
     trainer.fit(model, data, ckpt_path=ckpt_path)
 
 
