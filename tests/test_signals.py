@@ -5,19 +5,14 @@ left behind (issue 13, point 5)."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers.launch import ROOT, SCRIPTS, leftover_processes, run_script
+from tests.helpers.launch import leftover_processes, run_script, signal_rank, start_script
 
 CASES = {  # case -> (signal, global rank of the target: 0 is the main process, holding stage 1)
     "SIGTERM-stage0-child": (signal.SIGTERM, 1),
@@ -29,31 +24,10 @@ CASES = {  # case -> (signal, global rank of the target: 0 is the main process, 
 
 def _signalled_run(out: Path, signum: int, target: int) -> tuple[int, str, float, dict]:
     token = uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK",
-                                                             "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")}  # fmt: skip
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "fit_signal.py"), "train", str(out), token], cwd=str(ROOT),
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not all((out / f"rank{r}.pid").exists() for r in range(2)):
-            assert proc.poll() is None, proc.communicate()[0][-5000:]
-            assert time.monotonic() < deadline, "the run did not reach step 5"
-            time.sleep(0.2)
-        time.sleep(0.3)  # the files are complete
-        ranks = {r: json.loads((out / f"rank{r}.pid").read_text()) for r in range(2)}
-        os.kill(ranks[target]["pid"], signum)
-        sent = time.monotonic()
-        output, _ = proc.communicate(timeout=90)  # returns when every process holding the output has ended
-        elapsed = time.monotonic() - sent
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    proc = start_script("fit_signal.py", "train", out, token)
+    output, elapsed, victim = signal_rank(proc, out, 2, target, signum)
     assert not leftover_processes(token)
-    return proc.returncode, output, elapsed, ranks[target]
+    return proc.returncode, output, elapsed, victim
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +53,7 @@ def test_signal_stops_every_stage_named_and_non_zero(runs, case: str) -> None:
     assert code == 128 + signum, output[-5000:]
     name = signal.Signals(signum).name
     assert f"stage {victim['stage']} (rank {target}) received {name}" in output, output[-5000:]
-    assert f"stopped every stage after step" in output and f"{name} to stage {victim['stage']} (rank {target})" in output
+    assert "stopped every stage after step" in output and f"{name} to stage {victim['stage']} (rank {target})" in output
     assert "ended unexpectedly" not in output, output[-5000:]  # a stop, not a lost stage
 
 

@@ -84,3 +84,41 @@ def child_processes() -> list[int]:
         if int(fields[1]) == me and fields[0] != "Z":
             found.append(int(pid))
     return found
+
+
+def start_script(name: str, *args: object) -> subprocess.Popen:
+    """Start ``tests/scripts/<name>`` in its own session with its output piped (see :func:`signal_rank`)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK",
+                                                             "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")}  # fmt: skip
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(SCRIPTS / name), *map(str, args)], cwd=str(ROOT), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+
+
+def signal_rank(proc: subprocess.Popen, out: Path, n_ranks: int, target: int, signum: int) -> tuple[str, float, dict]:
+    """Wait until every rank wrote ``out/rank<R>.pid`` (JSON with its pid), send ``signum`` to rank
+    ``target`` and wait for every process holding the output to end (then kill what is left).
+
+    Returns:
+        the output, the seconds from the signal until every process ended, the target's record.
+    """
+    import json
+    import time
+
+    try:
+        deadline = time.monotonic() + 120
+        while not all((out / f"rank{r}.pid").exists() for r in range(n_ranks)):
+            assert proc.poll() is None, proc.communicate()[0][-5000:]
+            assert time.monotonic() < deadline, "the run did not reach the step that writes the pid files"
+            time.sleep(0.2)
+        time.sleep(0.5)  # the files are complete
+        victim = json.loads((out / f"rank{target}.pid").read_text())
+        os.kill(victim["pid"], signum)
+        sent = time.monotonic()
+        output, _ = proc.communicate(timeout=90)  # returns when every process holding the output has ended
+        return output, time.monotonic() - sent, victim
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
