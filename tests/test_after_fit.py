@@ -31,6 +31,12 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     return out, ORDERS[request.param].split(",")
 
 
+def _calls(run: tuple[Path, list[str]], policy: str) -> tuple[Path, list[list]]:
+    """The policy's folder and its ``[call, result]`` list, in the order the script made the calls."""
+    folder = run[0] / policy
+    return folder, json.loads((folder / "calls.json").read_text())
+
+
 def _plain(state: dict[str, torch.Tensor]) -> SeqRegressor:
     model = SeqRegressor(optimizer="sgd", lr=0.05, depth=4)
     model.load_state_dict(state)
@@ -65,19 +71,17 @@ def _assert_same(a: object, b: object, where: str) -> None:
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("policy", available_policies())
 def test_save_checkpoint_after_fit_is_the_consolidated_checkpoint(run, policy: str) -> None:
-    out, order = run
-    folder = out / policy
-    calls = json.loads((folder / "calls.json").read_text())
+    folder, calls = _calls(run, policy)
     saved, fitted, evaluated_since_fit = [], False, False
     for call, name in calls:
         fitted = fitted or call == "fit"
         evaluated_since_fit = evaluated_since_fit or (fitted and call in ("validate", "test", "predict"))
         if call == "save":
-            saved.append((torch.load(folder / name, weights_only=False), evaluated_since_fit))
-    assert saved, order
+            saved.append((name, torch.load(folder / name, weights_only=False), evaluated_since_fit))
+    assert saved, calls
     last = torch.load(folder / "last.ckpt", weights_only=False)
     final = torch.load(folder / "weights.pt")["final"]
-    for ckpt, evaluated_since_fit in saved:
+    for file, ckpt, evaluated_since_fit in saved:
         assert list(ckpt["state_dict"]) == list(last["state_dict"]) == list(final)
         for name, value in last["state_dict"].items():
             assert torch.equal(ckpt["state_dict"][name], value), name
@@ -93,7 +97,7 @@ def test_save_checkpoint_after_fit_is_the_consolidated_checkpoint(run, policy: s
         assert ckpt[PIPELINE_STATE_KEY]["policy"] == policy and ckpt[PIPELINE_STATE_KEY]["step"] == 7
         _assert_same(ckpt[PIPELINE_STATE_KEY], last[PIPELINE_STATE_KEY], PIPELINE_STATE_KEY)
         # and it loads into a plain single-process module
-        plain = SeqRegressor.load_from_checkpoint(folder / [n for c, n in calls if c == "save"][0])
+        plain = SeqRegressor.load_from_checkpoint(folder / file)
         for name, value in plain.state_dict().items():
             assert torch.equal(value, final[name]), name
 
@@ -101,9 +105,7 @@ def test_save_checkpoint_after_fit_is_the_consolidated_checkpoint(run, policy: s
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("policy", available_policies())
 def test_evaluation_before_and_after_fit_sees_the_current_weights(run, policy: str) -> None:
-    out, order = run
-    folder = out / policy
-    calls = json.loads((folder / "calls.json").read_text())
+    folder, calls = _calls(run, policy)
     weights = torch.load(folder / "weights.pt")
     assert any(not torch.equal(weights["initial"][k], weights["final"][k]) for k in weights["final"])  # fit trained
     fitted = False
