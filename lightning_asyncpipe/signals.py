@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 from dataclasses import dataclass
 from types import FrameType
@@ -32,14 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["StopSignals", "StopRequested", "STOP_SIGNALS"]
+from lightning_asyncpipe.watchdog import report
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def _report(message: str) -> None:
-    sys.stderr.write(f"AsyncPipeStrategy: {message}\n")
-    sys.stderr.flush()
+__all__ = ["StopSignals", "StopRequested", "StopRequest"]
 
 
 @dataclass(frozen=True)
@@ -107,18 +101,18 @@ class StopSignals:
         name = signal.Signals(signum).name
         if self.received is not None:
             if signum == signal.SIGINT:
-                _report(f"{self.describe(self.rank)} received a second SIGINT; exiting now.")
+                report(f"{self.describe(self.rank)} received a second SIGINT; exiting now.")
                 os._exit(128 + signum)
             return
         self.received = signum
-        _report(f"{self.describe(self.rank)} received {name}; every stage stops at the next step boundary "
+        report(f"{self.describe(self.rank)} received {name}; every stage stops at the next step boundary "
                 f"(this process exits within {self.grace:.0f} s).")  # fmt: skip
         self._deadline = threading.Timer(self.grace, self._give_up, args=(signum,))
         self._deadline.daemon = True
         self._deadline.start()
 
     def _give_up(self, signum: int) -> None:
-        _report(f"{self.describe(self.rank)} did not stop within {self.grace:.0f} s of "
+        report(f"{self.describe(self.rank)} did not stop within {self.grace:.0f} s of "
                 f"{signal.Signals(signum).name}; exiting.")  # fmt: skip
         os._exit(128 + signum)
 

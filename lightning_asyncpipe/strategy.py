@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -72,7 +71,7 @@ from lightning_asyncpipe.policies.base import StepFn
 from lightning_asyncpipe.topology import Topology
 from lightning_asyncpipe.trace import TimelineEvent, TimelineRecorder
 from lightning_asyncpipe.trace import merge as merge_timeline
-from lightning_asyncpipe.watchdog import PARENT_PID_ENV, ParentWatch
+from lightning_asyncpipe.watchdog import PARENT_PID_ENV, ParentWatch, report
 from lightning_asyncpipe.user_step import LogRecord, LogRecorder, UserStep
 
 __all__ = ["AsyncPipeStrategy"]
@@ -449,8 +448,7 @@ class AsyncPipeStrategy(ParallelStrategy):
         message = (f"stopped every stage after step {trainer.global_step} on {where}; {saved} "
                    f"(exit status {128 + request.signum}).")  # fmt: skip
         if self.global_rank == 0:
-            sys.stderr.write(f"AsyncPipeStrategy: {message}\n")
-            sys.stderr.flush()
+            report(message)
         raise StopRequested(request, message)
 
     def _measured_balance(self, module: LightningModule) -> list[int]:

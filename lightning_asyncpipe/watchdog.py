@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import Callable
 
-__all__ = ["ChildWatch", "ParentWatch", "PARENT_PID_ENV"]
+__all__ = ["ChildWatch", "ParentWatch", "PARENT_PID_ENV", "report"]
 
 PARENT_PID_ENV = "ASYNCPIPE_PARENT_PID"
 """Set by the launcher in each child: the pid of the main process to watch."""
@@ -39,7 +39,8 @@ def _how(code: int) -> str:
     return f"exit code {code}"
 
 
-def _report(message: str) -> None:
+def report(message: str) -> None:
+    """Print ``AsyncPipeStrategy: <message>`` on stderr at once (what every stage-lifecycle message looks like)."""
     sys.stderr.write(f"AsyncPipeStrategy: {message}\n")
     sys.stderr.flush()
 
@@ -113,7 +114,7 @@ class ChildWatch(_Watch):
                 lost = True
                 if rank not in self._reported:
                     self._reported.add(rank)
-                    _report(f"{self.describe(rank)}, pid {proc.pid}, ended unexpectedly ({_how(code)}); "
+                    report(f"{self.describe(rank)}, pid {proc.pid}, ended unexpectedly ({_how(code)}); "
                             "stopping every stage of the job.")  # fmt: skip
         return lost
 
@@ -121,7 +122,7 @@ class ChildWatch(_Watch):
         return all(proc.poll() is not None for _, proc in self.procs)
 
     def _give_up(self) -> None:
-        _report(f"the main process did not stop within {self.grace:.0f} s; killing the other stages.")
+        report(f"the main process did not stop within {self.grace:.0f} s; killing the other stages.")
         for _, proc in self.procs:
             if proc.poll() is None:
                 proc.kill()
@@ -150,6 +151,6 @@ class ParentWatch(_Watch):
             return False
         if not self._reported:
             self._reported = True
-            _report(f"the main process, {self.describe_parent}, pid {self.parent_pid}, ended unexpectedly; "
+            report(f"the main process, {self.describe_parent}, pid {self.parent_pid}, ended unexpectedly; "
                     f"stopping {self.describe_self}.")  # fmt: skip
         return True
