@@ -18,9 +18,11 @@ install: $(VENV)/.installed
 train: install
 	$(PY) examples/train.py $(ARGS)
 
-# the test suite (CPU; launches gloo processes); pytest options go in ARGS, e.g. ARGS="-k signals"
+# the test suite (CPU; launches gloo processes) on 2 pytest workers, one test file per worker at a
+# time, slow files first (tests/conftest.py); pytest options go in ARGS, e.g. ARGS="-k signals"
+TEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
 test: install
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q $(TEST_WORKERS) $(ARGS)
 
 clean:
 	rm -rf $(VENV)

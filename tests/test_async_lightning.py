@@ -15,6 +15,7 @@ from lightning_asyncpipe.partition import compute_balance
 from lightning_asyncpipe.reference import reference_train
 from tests.helpers.launch import run_script
 from tests.helpers.models import SeqRegressor, loader, regression_data
+from tests.helpers.tolerance import training_atol
 
 SPECS = [
     "pipedream:sgd", "pipedream:adamw", "pipedream:sgd:vertical_sync=True", "pipedream_2bw:adamw",
@@ -44,8 +45,9 @@ def test_async_policies_in_lightning_equal_reference(tmp_path) -> None:
             policy_options=_options(spec),
         )  # fmt: skip
         weights = torch.load(tmp_path / (spec.replace(":", "_").replace(",", "_") + ".pt"))
+        atol = training_atol(ref.state_dict, steps=8)  # 3 micro-batches: reordered float32 sums only
         for name, value in ref.state_dict.items():
-            torch.testing.assert_close(weights[name], value, atol=1e-5, rtol=0, msg=f"{spec}: {name}")
+            torch.testing.assert_close(weights[name], value, atol=atol, rtol=0, msg=f"{spec}: {name}")
 
 
 def _factories(module: SeqRegressor):  # type: ignore[no-untyped-def]

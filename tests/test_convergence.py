@@ -12,6 +12,8 @@ import pytest
 
 from tests.helpers.launch import run_script
 
+pytestmark = pytest.mark.slow  # this file takes 40 s or more on 2 cores
+
 
 def _final(curve: list[float]) -> float:
     return sum(curve[-20:]) / 20

@@ -14,6 +14,8 @@ from lightning_asyncpipe import AsyncPipeStrategy, BalanceError, PipelineConfigE
 from tests.helpers.launch import child_processes, leftover_processes, run_script
 from tests.helpers.models import SeqRegressor, loader, regression_data
 
+pytestmark = pytest.mark.slow  # this file takes 40 s or more on 2 cores
+
 
 def _trainer(devices: int = 2, **strategy: object) -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=devices, strategy=AsyncPipeStrategy(**strategy), max_steps=1,

@@ -8,6 +8,8 @@ import pytest
 
 from tests.helpers.launch import ROOT, run_script
 
+pytestmark = pytest.mark.slow  # this file takes 40 s or more on 2 cores
+
 TRAIN = ROOT / "examples" / "train.py"
 
 

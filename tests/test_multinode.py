@@ -13,6 +13,8 @@ import torch
 
 from tests.helpers.launch import SCRIPTS, run_script
 
+pytestmark = pytest.mark.slow  # this file takes 40 s or more on 2 cores
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -29,8 +31,8 @@ def single(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _assert_same_weights(a: dict, b: dict) -> None:
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=name)
+    for name in a:  # the same layout and arithmetic on one node or two: bitwise
+        assert torch.equal(b[name], a[name]), name
 
 
 @pytest.mark.multiprocess

@@ -19,6 +19,9 @@ from lightning_asyncpipe.partition import compute_balance
 from lightning_asyncpipe.reference import reference_train
 from tests.helpers import engine_cases as C
 from tests.helpers.launch import run_script
+from tests.helpers.tolerance import training_atol
+
+pytestmark = pytest.mark.slow  # this file takes 40 s or more on 2 cores
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,8 +58,16 @@ def test_engine_equals_reference(runs: dict[int, str], n_stages: int) -> None:
                               drain_after=C.DRAIN_AFTER, policy_options=case.options)  # fmt: skip
         state, reports = _load(runs[n_stages], i, n_stages)
         assert state.keys() == ref.state_dict.keys()
+        # One micro-batch: the same kernels on the same operands on both sides, so bitwise. Other
+        # arithmetic, bounded by tests/helpers/tolerance.py (a few ulps of max|W| per step): with
+        # more micro-batches the engine's deferred weight gradient sums the batch in one GEMM, the
+        # specification per micro-batch; pipelined_backprop's weight prediction computes
+        # W - a*delta in one fused torch.sub, the specification in two roundings.
+        predicts = case.policy == "pipelined_backprop" and case.options.get("weight_prediction", True)
+        same_arithmetic = case.microbatches == 1 and not predicts
+        atol = 0.0 if same_arithmetic else training_atol(ref.state_dict, C.N_STEPS)
         for name, value in ref.state_dict.items():
-            torch.testing.assert_close(state[name], value, atol=1e-5, rtol=0, msg=f"{case.name}: {name}")
+            torch.testing.assert_close(state[name], value, atol=atol, rtol=0, msg=f"{case.name}: {name}")
         assert [r["delays"] for r in reports] == ref.delays, case.name
         checked += 1
     assert checked == len(C.cases(n_stages)) >= 40
@@ -92,8 +103,9 @@ def test_2bw_does_not_depend_on_the_number_of_stages(runs: dict[int, str]) -> No
         index = next(i for i, c in enumerate(C.cases(p))
                      if c.policy == "pipedream_2bw" and c.microbatches == 4 and c.optimizer == "adamw")  # fmt: skip
         weights[p], _ = _load(runs[p], index, p)
+    atol = training_atol(weights[2], C.N_STEPS)  # 4 micro-batches: reordered sums only
     for name in weights[2]:
-        torch.testing.assert_close(weights[4][name], weights[2][name], atol=1e-5, rtol=0)
+        torch.testing.assert_close(weights[4][name], weights[2][name], atol=atol, rtol=0)
     flush_index = next(i for i, c in enumerate(C.cases(2)) if c.policy == "pipedream_flush" and c.microbatches == 4
                        and c.optimizer == "adamw")  # fmt: skip
     flush, _ = _load(runs[2], flush_index, 2)

@@ -11,6 +11,8 @@ import torch
 from tests.helpers.launch import run_script
 from tests.helpers.models import SeqRegressor
 
+pytestmark = pytest.mark.slow  # this file takes 40 s or more on 2 cores
+
 
 POLICIES = ["pipedream_flush", "pipedream_2bw"]
 
@@ -35,7 +37,7 @@ def test_checkpoints_move_between_stage_counts(runs, policy: str) -> None:
     for devices, source in [(4, 2), (2, 4)]:
         straight, resumed = torch.load(out / "straight.pt"), torch.load(out / f"resumed-to-{devices}.pt")
         for name in straight:
-            torch.testing.assert_close(resumed[name], straight[name], atol=1e-6, rtol=0, msg=f"{source}->{devices}")
+            assert torch.equal(resumed[name], straight[name]), f"{source}->{devices}: {name}"
     saved = torch.load(out / "first-4" / "last.ckpt", weights_only=False)
     assert len(saved["optimizer_states"][0]["state"]) == 10  # AdamW state of all 10 parameters, one file
     plain = SeqRegressor.load_from_checkpoint(out / "first-4" / "last.ckpt")

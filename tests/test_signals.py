@@ -14,6 +14,8 @@ import torch
 
 from tests.helpers.launch import leftover_processes, run_script, signal_rank, start_script
 
+pytestmark = pytest.mark.slow  # this file takes 40 s or more on 2 cores
+
 CASES = {  # case -> (signal, global rank of the target: 0 is the main process, holding stage 1)
     "SIGTERM-stage0-child": (signal.SIGTERM, 1),
     "SIGTERM-stage1-main": (signal.SIGTERM, 0),

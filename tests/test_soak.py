@@ -10,6 +10,8 @@ import pytest
 
 from tests.helpers.launch import ROOT, run_script
 
+pytestmark = pytest.mark.slow  # this file takes 40 s or more on 2 cores
+
 
 @pytest.mark.multiprocess
 def test_soak_holds_memory_descriptors_and_threads_flat(tmp_path) -> None:

@@ -15,6 +15,9 @@ import torch
 
 from tests.helpers.launch import run_script
 from tests.helpers.reference import single_device_fit, train_losses
+from tests.helpers.tolerance import loss_atol, training_atol
+
+pytestmark = pytest.mark.slow  # this file takes 40 s or more on 2 cores
 
 SPECS = ["pipedream_flush:sgd", "gpipe:sgd", "pipedream_flush:adamw", "gpipe:adamw"]
 
@@ -33,13 +36,16 @@ def test_sync_policies_equal_single_device(tmp_path, devices: int, stages: int) 
         expected_weights, expected_losses = single_device_fit(optim, 8 * replicas, permutation_seed=7 if replicas > 1 else None)
         weights = torch.load(tmp_path / f"{policy}-{optim}.pt")
         assert weights.keys() == expected_weights.keys()
+        # micro-batches, deferred weight gradients, the clipping norm summed per stage and (2x2) the
+        # replicas' all-reduce reorder float32 sums: a few ulps per step (tests/helpers/tolerance.py)
+        atol = training_atol(expected_weights, steps=6)
         for name, value in expected_weights.items():
-            torch.testing.assert_close(weights[name], value, atol=1e-5, rtol=0, msg=f"{spec}: {name}")
+            torch.testing.assert_close(weights[name], value, atol=atol, rtol=0, msg=f"{spec}: {name}")
         # the weights really moved (the comparison is not between two untouched initialisations)
         assert (expected_weights["net.0.weight"] - _initial()["net.0.weight"]).abs().max() > 1e-3
         losses = train_losses(json.loads((tmp_path / f"{policy}-{optim}.json").read_text()))
         assert len(losses) == 6
-        assert losses == pytest.approx(expected_losses, abs=1e-5), spec
+        assert losses == pytest.approx(expected_losses, abs=loss_atol(expected_losses, steps=6)), spec
 
 
 def _initial() -> dict[str, torch.Tensor]:

@@ -12,14 +12,22 @@ from lightning_asyncpipe.policies.recompute import shifted_weights
 from lightning_asyncpipe.wgrad import DeferredWeightGrad, grad_into_live
 
 
+# float64: these are identities (the same sums in another order), checked far below float32's
+# rounding so that no CPU's GEMM blocking matters. A weight gradient here sums 36 products (3
+# micro-batches x 12 rows) of magnitude <= ~1: two summation orders differ by at most
+# 36 * eps64 * sum|terms| ~ 1e-13; ATOL allows 1e-11, while a lost, repeated or mis-scaled
+# micro-batch changes a gradient by ~1e-2.
+ATOL = 1e-11
+
+
 def _stage() -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)).double()
 
 
 def _micro_batches() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(3, 4, 6, generator=g) for _ in range(3)]  # 3-d inputs, as in a transformer
+    return [torch.randn(3, 4, 6, generator=g, dtype=torch.float64) for _ in range(3)]  # 3-d, as in a transformer
 
 
 def _reference_grads(inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -40,7 +48,7 @@ def test_deferred_weight_grads_equal_autograd() -> None:
     assert model[0].bias.grad is not None  # biases take the usual path
     deferral.flush()
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, _reference_grads(inputs)[name], rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(p.grad, _reference_grads(inputs)[name], rtol=0, atol=ATOL, msg=name)
     assert not deferral.pending
 
 
@@ -56,12 +64,12 @@ def test_flush_adds_to_existing_gradients_and_reuses_buffers() -> None:
         model(x).pow(2).mean().backward()
     deferral.flush()
     assert model[0].weight.grad is first  # accumulated in place
-    torch.testing.assert_close(model[0].weight.grad, _reference_grads(inputs)["0.weight"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(model[0].weight.grad, _reference_grads(inputs)["0.weight"], rtol=0, atol=ATOL)
     model.zero_grad(set_to_none=True)
     model(inputs[0]).pow(2).mean().backward()
     deferral.flush()
     assert model[0].weight.grad.data_ptr() == first.data_ptr()  # the work buffer is reused
-    torch.testing.assert_close(model[0].weight.grad, _reference_grads(inputs[:1])["0.weight"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(model[0].weight.grad, _reference_grads(inputs[:1])["0.weight"], rtol=0, atol=ATOL)
 
 
 def test_stashed_weights_defer_into_the_live_layer() -> None:
@@ -76,14 +84,14 @@ def test_stashed_weights_defer_into_the_live_layer() -> None:
         functional_call(model, stashed, (x,)).pow(2).mean().backward()
     assert stashed["0.weight"].grad is None and stashed["0.bias"].grad is not None
     deferral.flush()
-    torch.testing.assert_close(model[0].weight.grad, _reference_grads(inputs)["0.weight"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(model[0].weight.grad, _reference_grads(inputs)["0.weight"], rtol=0, atol=ATOL)
 
 
 def test_marked_computed_weights_defer_into_the_live_layer() -> None:
     """PipeMare's corrected weights ``W - c``: marked with grad_into_live, their weight gradient
     waits for the flush and lands on the live weights, equal to autograd's through ``W - c``."""
     inputs = _micro_batches()
-    offsets = {n: 0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) for n, p in
+    offsets = {n: 0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2), dtype=p.dtype) for n, p in
                _stage().named_parameters()}  # fmt: skip
 
     def run(defer: bool) -> nn.Sequential:
@@ -102,7 +110,7 @@ def test_marked_computed_weights_defer_into_the_live_layer() -> None:
 
     deferred, usual = run(True), run(False)
     for (name, a), (_, b) in zip(deferred.named_parameters(), usual.named_parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=ATOL, msg=name)
 
 
 @pytest.mark.parametrize("defer", [True, False])
@@ -111,7 +119,7 @@ def test_shifted_weights_reuse_buffers_and_pass_the_gradient_to_the_live_weights
     gradient through it reaches the live weights as autograd's through ``W - alpha * delta`` does,
     deferred (linear weights) or not (biases, or every weight with deferral off)."""
     inputs = _micro_batches()
-    deltas = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) for n, p in
+    deltas = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(3), dtype=p.dtype) for n, p in
               _stage().named_parameters()}  # fmt: skip
     alpha = 2.0
 
@@ -130,13 +138,13 @@ def test_shifted_weights_reuse_buffers_and_pass_the_gradient_to_the_live_weights
         for (name, p), buf in zip(named, buffers):
             w = weights[name]
             assert w.data_ptr() == buf.data_ptr() and buf.grad_fn is None and w.requires_grad
-            torch.testing.assert_close(w, p - alpha * deltas[name], rtol=0, atol=1e-6)
+            torch.testing.assert_close(w, p - alpha * deltas[name], rtol=0, atol=ATOL)
         functional_call(model, weights, (x,)).pow(2).mean().backward()
     if defer:
         assert deferral.pending and model[0].weight.grad is None  # the linear weights waited
         deferral.flush()
     for (name, a), (_, b) in zip(model.named_parameters(), usual.named_parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=ATOL, msg=name)
 
 
 @pytest.mark.parametrize("case", ["inactive", "computed-weights", "autocast", "no-grad"])
