@@ -8,17 +8,18 @@ e.g. ``"blocks.2"``). Within that, each node goes where it can run:
   on the stage of its range, once; every later stage that uses it receives it, carried through
   the stages in between (a skip connection over a whole stage is one more tensor in each
   boundary it crosses);
-- the call's own tensors (``input_k``) are at hand on every stage (every stage runs the user's
-  step up to the call), so they never cross a boundary;
+- the call's own tensors (``input_k``: the batch, targets, masks, position ids, keyword
+  arguments) enter on the first stage and are carried like any other tensor to the stages that
+  use them (the targets of a loss computed in forward reach the last stage);
 - parameters and buffers read directly (``get_attr``) are held by every stage that reads them;
   a parameter that stages share (a head tied to the embedding) is therefore held by each of them,
   and :attr:`Split.shared` lists it, so that the pipeline can keep the copies equal;
 - values that are not tensors (sizes, dtypes, devices, flags) are recomputed where they are used;
   a node used by none (an ``assert``) runs on the stage of its range.
 
-Each stage becomes a :class:`StageProgram`: a function of ``(stage module, *received,
-*call tensors)`` that returns the tensors the next stage receives, or, on the last stage, the
-forward's return value. Programs look their layers up by the user's names on the stage module
+Each stage becomes a :class:`StageProgram`: a function of ``(stage module, *inputs)`` (the
+call's tensors on the first stage, the received tensors on the others) that returns the tensors
+the next stage receives, or, on the last stage, the forward's return value. Programs look their layers up by the user's names on the stage module
 (see :func:`stage_module`), so ``state_dict`` keys, hooks and ``functional_call`` see the user's
 parameters.
 """
@@ -48,7 +49,8 @@ class StageProgram:
 
     Attributes:
         stage: the stage index.
-        graph: placeholders ``received...`` then ``input_0 ..`` (all the call's tensors).
+        graph: placeholders: the call's tensors ``input_0 ..`` on the first stage, the received
+            tensors on the others.
         received: names of the full graph's nodes this stage receives, in order.
         sent: names of the nodes it sends to the next stage, in order (empty on the last stage).
         attributes: qualified names of the modules, parameters and buffers it uses.
@@ -62,8 +64,7 @@ class StageProgram:
     _fn: Optional[Callable[..., Any]] = field(default=None, repr=False)
 
     def __call__(self, module: nn.Module, *tensors: Any) -> Any:
-        """Run on ``module`` (which holds :attr:`attributes`) with the received tensors followed
-        by the call's tensors."""
+        """Run on ``module`` (which holds :attr:`attributes`) with this stage's inputs."""
         if self._fn is None:
             self._fn = _compile(self.graph, f"stage{self.stage}")
         return self._fn(module, *tensors)
@@ -194,12 +195,13 @@ def split_graph(captured: Captured, split_points: Sequence[str], values: Mapping
     last = n_stages - 1
 
     def floating(n: fx.Node) -> bool:  # computed (or held) wherever it is used
-        if n.op in ("placeholder", "get_attr"):
+        if n.op == "get_attr":
             return True
         # a node without users is there for its effect (an assert): it runs where it stands
         return n.op in ("call_function", "call_method") and bool(n.users) and not isinstance(values.get(n.name), Tensor)
 
-    home = {n: (last if n.op == "output" else bisect.bisect_right(starts, index[n])) for n in nodes if not floating(n)}
+    home = {n: (last if n.op == "output" else 0 if n.op == "placeholder" else bisect.bisect_right(starts, index[n]))
+            for n in nodes if not floating(n)}  # fmt: skip
     local: list[set[fx.Node]] = [set() for _ in range(n_stages)]
     carried: dict[fx.Node, int] = {}  # tensor -> the last stage that uses it
 
@@ -227,7 +229,7 @@ def split_graph(captured: Captured, split_points: Sequence[str], values: Mapping
         for n in received:
             env[n] = g.placeholder(n.name)
         for n in nodes:
-            if n.op == "placeholder":
+            if n.op == "placeholder" and s == 0:
                 env[n] = g.placeholder(str(n.target))
         attributes: list[str] = []
         for n in nodes:

@@ -4,7 +4,7 @@ Float64 throughout: the stage programs run the same operations as the whole modu
 stage, so outputs, gradients and BatchNorm statistics must agree to float64 rounding (1e-12 here,
 on magnitudes <= ~10; a wrong boundary, a lost skip connection or a dropped gradient path gives
 O(1e-2) or more). Stages hand tensors over as a pipeline does: detached, requiring grad again
-when floating point, and the backward runs stage by stage from the received gradients.
+where the sent tensor did, and the backward runs stage by stage from the received gradients.
 """
 
 from __future__ import annotations
@@ -34,23 +34,22 @@ def _split(module: nn.Module, args: tuple, kwargs: dict, points: list[str]) -> S
 def _run_pipeline(module: nn.Module, split: Split, args: tuple, kwargs: dict,
                   loss_of: Callable[[Any], torch.Tensor]) -> Any:  # fmt: skip
     """Forward stage by stage, then backward stage by stage; returns the last stage's output."""
-    tensors = [t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)]
     modules = [stage_module(module, p.attributes) for p in split.programs]
-    received: list[torch.Tensor] = []
+    received = [t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)]  # the first stage's
     kept = []
     for program, stage in zip(split.programs, modules):
-        out = program(stage, *received, *tensors)
+        out = program(stage, *received)
         if program.sent:
             assert isinstance(out, tuple) and len(out) == len(program.sent)
             kept.append((received, out))
-            received = [t.detach().requires_grad_(t.is_floating_point()) for t in out]
+            received = [t.detach().requires_grad_(t.requires_grad) for t in out]  # as the executor's flags
         else:
             kept.append((received, None))
             final = out
     loss_of(final).backward()
     for s in range(len(split.programs) - 2, -1, -1):
         sent = kept[s][1]
-        grads = [t.grad for t in kept[s + 1][0]]
+        grads = [t.grad if t.requires_grad else None for t in kept[s + 1][0]]
         pairs = [(o, g) for o, g in zip(sent, grads) if g is not None]
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
     return final
@@ -94,8 +93,8 @@ def test_gpt_with_tied_head_splits_into_stages_that_train_as_the_whole(points: l
     # the head is tied to the token embedding: both the first and the last stage hold it
     assert split.shared == {"transformer.wte.weight": [0, last]}
     assert "transformer.wte" in split.programs[0].attributes and "lm_head" in split.programs[last].attributes
-    # one residual stream crosses each boundary: the call's tensors (idx, targets) never do
-    assert all(len(p.sent) == 1 for p in split.programs[:-1])
+    # the residual stream crosses each boundary, with the targets the last stage's loss needs
+    assert all(p.sent == ["input_1", p.sent[1]] for p in split.programs[:-1])
 
 
 def test_generation_call_without_targets_is_its_own_graph() -> None:
@@ -103,7 +102,7 @@ def test_generation_call_without_targets_is_its_own_graph() -> None:
     split = _split(model, (idx,), {}, ["transformer.h.2"])
     modules = [stage_module(model, p.attributes) for p in split.programs]
     (h,) = split.programs[0](modules[0], idx)
-    logits, loss = split.programs[1](modules[1], h, idx)
+    logits, loss = split.programs[1](modules[1], h)
     expected, _ = model(idx)
     assert loss is None and logits.shape == (3, 1, 32)
     torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
@@ -140,9 +139,10 @@ def test_skips_over_whole_stages_masks_integer_and_keyword_inputs() -> None:
     split = _assert_same_training(model, (x, positions), kwargs, ["down.1", "middle", "up.1"],
                                   lambda out: out[0].pow(2).sum() + out[1])  # fmt: skip
     # the first encoder level's output (tanh) is stage 1's input and, as a skip, also waits for
-    # stage 2's cat: stage 1 sends it on; the integer positions and the mask are the call's own
-    # tensors, at hand on every stage: never sent
-    assert [p.sent for p in split.programs] == [["tanh"], ["tanh", "tanh_1"], ["cat_1"], []]
+    # stage 2's cat: stage 1 sends it on; the mask (input_2), used at the end, travels along;
+    # the integer positions are used on the first stage only
+    assert [p.sent for p in split.programs] == [["input_2", "tanh"], ["input_2", "tanh", "tanh_1"],
+                                                ["input_2", "cat_1"], []]  # fmt: skip
 
 
 def test_a_top_level_sequential_is_the_same_mechanism() -> None:
