@@ -30,10 +30,13 @@ from torch.optim import Optimizer
 from lightning_asyncpipe.comm import PipelineGroups, TorchP2PTransport
 from lightning_asyncpipe.executor import PipelineExecutor
 from lightning_asyncpipe.microbatch import microbatch_weights, signature, split
-from lightning_asyncpipe.partition import Balance, partition_module
+from lightning_asyncpipe.errors import PipelineConfigError
+from lightning_asyncpipe.partition import Balance, Partition, partition_module
+from lightning_asyncpipe.split import StageProgram
 from lightning_asyncpipe.pipeline import StagePipeline
 from lightning_asyncpipe.policies import WeightPolicy, get_policy
 from lightning_asyncpipe.policies.base import StepFn
+from lightning_asyncpipe.tied import SharedParameters
 from lightning_asyncpipe.topology import Topology
 
 __all__ = ["PipelineEngine"]
@@ -41,7 +44,8 @@ __all__ = ["PipelineEngine"]
 
 class _Batch:
     def __init__(self, inputs: Any, targets: Any, m: int, first: int, loss_fn: Callable[[Any, Any], Tensor],
-                 training: bool) -> None:  # fmt: skip
+                 training: bool, partition: Partition) -> None:  # fmt: skip
+        self.partition = partition
         self.inputs, self.targets = split(inputs, m), split(targets, m)
         self.weights = microbatch_weights(self.inputs)
         self.first, self.loss_fn, self.training = first, loss_fn, training
@@ -54,6 +58,9 @@ class _Batch:
     def stage_inputs(self, microbatch: int) -> tuple[Tensor, ...]:
         x = self.inputs[microbatch - self.first]
         return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+    def stage_program(self, microbatch: int) -> StageProgram:
+        return self.partition.program(self.stage_inputs(microbatch), {})  # every rank holds the batch
 
     def stage_outputs(self, microbatch: int, outputs: Any) -> Optional[Tensor]:
         i = microbatch - self.first
@@ -114,6 +121,11 @@ class PipelineEngine:
         self.optimizer = optimizer(self.partition.local.parameters())
         self.scheduler = lr_scheduler(self.optimizer) if lr_scheduler is not None else None
         self.policy = get_policy(policy, **(policy_options or {})) if isinstance(policy, str) else policy
+        if self.partition.shared and not self.policy.synchronous:
+            raise PipelineConfigError(f"policy {self.policy.name!r} does not support parameters shared between stages "
+                                      f"({self.partition.shared}); use gpipe or pipedream_flush.")  # fmt: skip
+        self.shared = SharedParameters(self.partition.shared, self.partition.shared_params, self.stage, self.topology,
+                                       rank)  # fmt: skip
         self.policy.bind(self.stage, n_stages, microbatches, self.partition.local, self.optimizer)
         self.clip_grad_norm, self.loss_fn, self.microbatches = clip_grad_norm, loss_fn, microbatches
         t = self.topology
@@ -138,8 +150,11 @@ class PipelineEngine:
                 if p.grad is not None:
                     dist.all_reduce(p.grad, group=self.groups.stage)
                     p.grad /= self.topology.n_replicas
+        if self.shared:
+            self.shared.sum_gradients()
         if self.clip_grad_norm is not None:
-            squared = sum((p.grad.detach().float().pow(2).sum() for p in params if p.grad is not None),
+            squared = sum((p.grad.detach().float().pow(2).sum() for p in params
+                           if p.grad is not None and self.shared.counts_in_norm(p)),
                           torch.zeros((), device=self.device))  # fmt: skip
             if self.policy.synchronous and self.topology.n_stages > 1:
                 dist.all_reduce(squared, group=self.groups.pipeline)
@@ -161,7 +176,8 @@ class PipelineEngine:
         ``drain=True`` empties the pipeline at the end of the step, before the learning-rate
         scheduler steps (as the Lightning strategy does at epoch end).
         """
-        batch = _Batch(inputs, targets, self.microbatches, self.pipeline.first_microbatch, self.loss_fn, True)
+        batch = _Batch(inputs, targets, self.microbatches, self.pipeline.first_microbatch, self.loss_fn, True,
+                       self.partition)  # fmt: skip
         self.pipeline.train_step(batch)
         if drain:
             self.pipeline.drain()
@@ -177,7 +193,7 @@ class PipelineEngine:
     @torch.no_grad()
     def predict(self, inputs: Any) -> Optional[Any]:
         """Forward one batch (after a drain); the merged outputs on the last stage."""
-        batch = _Batch(inputs, inputs, self.microbatches, 0, self.loss_fn, False)
+        batch = _Batch(inputs, inputs, self.microbatches, 0, self.loss_fn, False, self.partition)
         self.pipeline.eval_step(batch)
         return torch.cat(batch.outputs) if self.is_last else None
 

@@ -55,6 +55,10 @@ class StepHooks(Protocol):
         (training) or ``None`` (evaluation)."""
         ...
 
+    # Optional: ``stage_program(microbatch) -> Optional[StageProgram]``, this stage's program for
+    # the micro-batch's call of the pipelined module (after ``stage_inputs`` on stage 0); without
+    # it (or ``None``) the stage module's own program runs.
+
 
 @dataclass(frozen=True)
 class ActionTiming:
@@ -77,6 +81,10 @@ def as_tensors(outputs: Any, stage: int) -> tuple[Tensor, ...]:
             "choose another balance."
         )
     return tuple(items)
+
+
+def _no_program(microbatch: int) -> None:
+    return None
 
 
 def _nbytes(tensors: Sequence[Tensor]) -> int:
@@ -114,6 +122,7 @@ class PipelineExecutor:
         self._in_flight: dict[int, tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[bool, ...]]] = {}
         self._act_recv: dict[int, PendingRecv] = {}
         self._grad_recv: dict[int, PendingRecv] = {}
+        self._programs: dict[int, Any] = {}
         self.timings: list[ActionTiming] = []
         self.record_timings = True
         self.check_finite = False
@@ -156,7 +165,10 @@ class PipelineExecutor:
 
     def _forward(self, j: int, hooks: StepHooks, train: bool) -> None:
         inputs = hooks.stage_inputs(j) if self.is_first else self._act_recv.pop(j).wait()
-        with computing(self.module):
+        program = getattr(hooks, "stage_program", _no_program)(j)
+        if train:
+            self._programs[j] = program  # a recomputation in the backward runs the same program
+        with computing(self.module, program):
             outputs = self.policy.forward(self.module, inputs, j, train)
         if self.check_finite:
             self._check_finite(as_tensors(outputs, self.stage), j, "output")
@@ -199,10 +211,11 @@ class PipelineExecutor:
         else:
             grads = self._grad_recv.pop(j).wait()
             if self.policy.recomputes(j):
-                with computing(self.module):
+                with computing(self.module, self._programs.get(j)):
                     outputs = as_tensors(self.policy.recompute(self.module, inputs, j), self.stage)
             pairs = [(t, g) for t, g in zip([t for t, f in zip(outputs, flags) if f], grads) if t.requires_grad]
             torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        self._programs.pop(j, None)
         self.policy.after_backward(j)
         if not self.is_first:
             self.transport.send_grad(

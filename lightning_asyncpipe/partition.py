@@ -1,42 +1,61 @@
-"""Splitting a module's pipelined ``nn.Sequential`` into stages and keeping only the local one.
+"""Splitting a LightningModule's pipelined module into stages and keeping only the local one.
 
-``balance`` chooses how many consecutive layers each stage gets:
+The pipelined module is the submodule whose forward the user's step calls (``self.net(x)``,
+``self.model(idx, targets)``): named with ``AsyncPipeStrategy(sequential="net.model")`` (a dotted
+path) or found alone (the single child, descending, that holds every parameter). Its forward is
+captured as a graph (:mod:`lightning_asyncpipe.capture`) and split into stage programs
+(:mod:`lightning_asyncpipe.split`) before the modules named by the split points.
 
-- ``"uniform"``: the same number of layers per stage (the first stages take the remainder);
-- ``"parameters"``: contiguous stages that minimise the largest parameter count of a stage;
-- ``"time"`` / ``"memory"``: contiguous stages that minimise the slowest (largest) stage, from
-  each layer's measured forward + backward time (memory) on the stage's device; the strategy
-  measures them (:mod:`lightning_asyncpipe.profiling`) and passes the resulting counts here;
-- a list of layer counts, one per stage, e.g. ``[3, 2, 2]``.
+Split points are chosen among *units*: the blocks of the module's containers of repeated blocks
+(``nn.ModuleList`` / ``nn.Sequential`` children, e.g. a GPT's ``transformer.h.0 ..`` or a
+ResNet's ``layer1.0 .. layer4.1``), or the layers of a module that is itself an
+``nn.Sequential``. ``balance`` chooses how many consecutive units each stage gets:
 
-Layers keep their original names, so the local stage's ``state_dict`` keys are the same as the
-full model's (``net.5.weight`` stays ``net.5.weight`` on the stage that holds layer 5). Layers of
-other stages are moved to the ``meta`` device: their memory is freed, their structure is kept so
-the full model can be put back together at teardown.
+- ``"uniform"``: the same number of units per stage (the first stages take the remainder);
+- ``"parameters"``: contiguous stages that minimise the largest parameter count of a stage (the
+  layers before the first unit count with it, those after the last unit with the last);
+- ``"time"`` / ``"memory"``: from each layer's measured cost (:mod:`lightning_asyncpipe.profiling`;
+  for an ``nn.Sequential``), resolved to counts by the strategy;
+- a list of unit counts, one per stage, e.g. ``[3, 2, 2]``;
+
+or ``split_points=["blocks.2", "blocks.4"]`` names the first module of each stage after the first.
+
+The local stage is a :class:`StageModule` put in the pipelined module's place: it holds this
+stage's layers, parameters and buffers under the user's names (``net.transformer.h.2.attn...``
+stays ``net.transformer.h.2.attn...``), the same objects, so optimizers, hooks and ``state_dict``
+see the user's parameters. The rest of the module keeps its structure with its tensors on the
+``meta`` device, so that the whole can be put back together at teardown. A parameter that several
+stages use (a head tied to the embedding) is held by each of them (:attr:`Partition.shared`).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
+from lightning_asyncpipe.capture import Captured, call_signature, capture
 from lightning_asyncpipe.errors import AsyncPipeError, BalanceError, PipelineConfigError
+from lightning_asyncpipe.split import StageProgram, called_modules, meta_values, split_graph
 
 __all__ = [
     "Balance",
     "MEASURED_BALANCES",
     "StageModule",
     "Partition",
+    "find_pipelined",
     "find_sequential",
     "check_parameters_inside",
     "compute_balance",
     "balance_by_cost",
+    "find_units",
+    "example_call",
     "partition_module",
     "restore_module",
     "computing",
@@ -47,100 +66,176 @@ MEASURED_BALANCES = ("time", "memory")
 """Balances computed from a profile of the layers (resolved to counts before partitioning)."""
 
 
-class StageModule(nn.Sequential):
-    """The layers one stage holds, standing in for the user's ``nn.Sequential``.
+class StageModule(nn.Module):
+    """This stage's part of the pipelined module, standing in for it.
 
-    Calling it runs the local layers when the pipeline executor does so. When the user's own code
-    calls it (``self.net(x)`` inside ``training_step``), the pipeline installs a ``call_handler``
-    that decides what the call means on this stage: capture the input on the first stage, hand
-    back the pipeline's output on the last stage.
+    Holds the stage's layers, parameters and buffers under the user's names. Called by the
+    pipeline (inside :func:`computing`), it runs its :class:`~lightning_asyncpipe.split.StageProgram`
+    on the stage's input tensors. When the user's own code calls it (``self.net(x)`` inside
+    ``training_step``), the pipeline installs a ``call_handler`` that decides what the call means
+    on this stage: capture the call's arguments, or hand back the pipeline's output on the last
+    stage. Indexing and iterating go over its top-level children, as for an ``nn.Sequential``.
     """
 
-    def __init__(self, layers: "OrderedDict[str, nn.Module]", stage: int, n_stages: int, attr: str) -> None:
-        super().__init__(layers)
+    def __init__(self, stage: int, n_stages: int, attr: str, whole: nn.Module) -> None:
+        super().__init__()
         self.stage, self.n_stages, self.attr = stage, n_stages, attr
         self.call_handler: Optional[Any] = None
         self.executing = False
+        self.program: Optional[StageProgram] = None
+        self.__dict__["_whole"] = whole  # not a submodule: its other stages' tensors are on meta
 
-    def forward(self, *inputs: Any) -> Any:  # type: ignore[override]
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         if self.call_handler is not None and not self.executing:
-            return self.call_handler(inputs)
-        if not self.executing and self.n_stages > 1:
+            return self.call_handler(inputs, kwargs)
+        if not self.executing:
+            if self.n_stages == 1:
+                return type(self._whole).forward(self._whole, *inputs, **kwargs)
             names = list(self._modules)
             raise AsyncPipeError(
-                f"This process holds only stage {self.stage} (layers {names[0]}..{names[-1]}) of '{self.attr}'; it "
-                "cannot run the whole model. Use trainer.predict(...), or load the checkpoint in a plain process "
-                "with Model.load_from_checkpoint(path)."
+                f"This process holds only stage {self.stage} ({names[0]}..{names[-1]}) of '{self.attr}'; it cannot "
+                "run the whole model. Use trainer.predict(...), or load the checkpoint in a plain process with "
+                "Model.load_from_checkpoint(path)."
             )
-        x: Any = inputs[0] if len(inputs) == 1 else tuple(inputs)
-        for layer in self:
-            x = layer(x)
-        return x
+        if self.program is None:
+            raise AsyncPipeError(f"Stage {self.stage} has no program to run (the pipeline selects one per call).")
+        return self.program(self, *inputs)
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return list(self._modules.values())[index]  # type: ignore[return-value]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self._modules.values())  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self._modules)
 
 
 @contextmanager
-def computing(module: nn.Module) -> Iterator[None]:
-    """Mark ``module`` (a :class:`StageModule`) as run by the pipeline itself, not by user code."""
+def computing(module: nn.Module, program: Optional[StageProgram] = None) -> Iterator[None]:
+    """Mark ``module`` (a :class:`StageModule`) as run by the pipeline itself, not by user code,
+    optionally with ``program`` (the one of the micro-batch being computed)."""
     if not isinstance(module, StageModule):
         yield
         return
-    previous, module.executing = module.executing, True
+    previous = module.executing, module.program
+    module.executing = True
+    if program is not None:
+        module.program = program
     try:
         yield
     finally:
-        module.executing = previous
+        module.executing, module.program = previous
 
 
 @dataclass
 class Partition:
-    """Where the pipelined Sequential lives and which layers each stage holds."""
+    """Where the pipelined module lives, where it is split, and what this stage holds.
+
+    Attributes:
+        attr: the pipelined module's dotted path in the LightningModule.
+        counts: units per stage (empty when ``split_points`` were given).
+        stage: this stage's index.
+        original: the whole pipelined module (other stages' tensors on ``meta``).
+        local: this stage's :class:`StageModule`, in ``original``'s place.
+        units: the module names split points are chosen among.
+        split_points: the module each stage after the first begins with.
+        shared: parameters several stages hold: name -> stages.
+        leaf_modules: modules run whole, not traced through.
+    """
 
     attr: str
     counts: list[int]
     stage: int
-    original: nn.Sequential
+    original: nn.Module
     local: StageModule
+    units: list[str] = field(default_factory=list)
+    split_points: list[str] = field(default_factory=list)
+    shared: dict[str, list[int]] = field(default_factory=dict)
+    leaf_modules: tuple[str, ...] = ()
+    shared_params: dict[str, nn.Parameter] = field(default_factory=dict, repr=False)
+    """This stage's copies of :attr:`shared` parameters."""
+    programs_by_step: dict[Any, StageProgram] = field(default_factory=dict, repr=False)
+    """Programs by (step method, batch structure), for the stages that do not capture each call."""
+    _programs: dict[Any, StageProgram] = field(default_factory=dict, repr=False)
 
     @property
     def bounds(self) -> list[tuple[int, int]]:
         edges = [sum(self.counts[:i]) for i in range(len(self.counts) + 1)]
         return list(zip(edges[:-1], edges[1:]))
 
+    def program(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> StageProgram:
+        """This stage's program for a call ``module(*args, **kwargs)`` (one per call structure;
+        tensors of any shape share it)."""
+        key = call_signature(args, dict(kwargs))
+        found = self._programs.get(key)
+        if found is None:
+            captured = capture(self.original, args, dict(kwargs), self.leaf_modules)
+            tensors = [t for t in pytree.tree_leaves((tuple(args), dict(kwargs))) if isinstance(t, Tensor)]
+            found = split_graph(captured, self.split_points, meta_values(captured, tensors)).programs[self.stage]
+            _install(self.local, self.original, found.attributes, self.stage)
+            self._programs[key] = found
+        return found
 
-def find_sequential(module: nn.Module, attr: Optional[str] = None) -> str:
-    """The attribute name of the pipelined ``nn.Sequential`` of ``module``.
+    @staticmethod
+    def inputs(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Tensor, ...]:
+        """The first stage's inputs for a call: its tensors, in argument order."""
+        return tuple(t for t in pytree.tree_leaves((tuple(args), dict(kwargs))) if isinstance(t, Tensor))
+
+
+def find_pipelined(module: nn.Module, attr: Optional[str] = None) -> str:
+    """The dotted path of the module to pipeline in ``module``.
+
+    Named (``attr``, e.g. ``"net.model"``), or found: descending from ``module`` while exactly one
+    child holds parameters (and the module holds none of its own), the last such child; the
+    descent stops at an ``nn.Sequential`` and above a single ``torch.nn`` layer.
 
     Raises:
-        PipelineConfigError: if ``attr`` is not an ``nn.Sequential`` attribute, or if ``attr`` is
-            ``None`` and the module has no top-level ``nn.Sequential`` or several.
+        PipelineConfigError: if ``attr`` names no module, or none can be found.
     """
-    candidates = [name for name, child in module.named_children() if isinstance(child, nn.Sequential)]
     cls = type(module).__name__
+    holders = [name for name, m in module.named_modules() if name and any(True for _ in m.parameters())]
     if attr is not None:
-        child = getattr(module, attr, None)
-        if not isinstance(child, nn.Sequential):
+        try:
+            target = module.get_submodule(attr)
+        except AttributeError:
+            target = None
+        if not isinstance(target, nn.Module) or isinstance(target, (nn.ModuleList, nn.ModuleDict)):
+            what = "missing" if target is None else f"a {type(target).__name__} (it has no forward)"
             raise PipelineConfigError(
-                f"AsyncPipeStrategy(sequential={attr!r}): {cls}.{attr} is "
-                f"{'missing' if child is None else type(child).__name__}, not an nn.Sequential. "
-                f"Top-level nn.Sequential attributes of {cls}: {candidates or 'none'}."
+                f"AsyncPipeStrategy(sequential={attr!r}): {cls}.{attr} is {what}. Modules of {cls} that hold "
+                f"parameters: {holders[:12] or 'none'}{' ...' if len(holders) > 12 else ''}."
             )
         return attr
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
+    path, current = [], module
+    while not isinstance(current, nn.Sequential) and not any(True for _ in current.parameters(recurse=False)):
+        children = [(n, c) for n, c in current.named_children() if any(True for _ in c.parameters())]
+        if len(children) != 1 or isinstance(children[0][1], (nn.ModuleList, nn.ModuleDict)) or _is_torch_layer(children[0][1]):
+            break
+        path.append(children[0][0])
+        current = children[0][1]
+    if not path:
+        top = [n for n, c in module.named_children() if any(True for _ in c.parameters())]
         raise PipelineConfigError(
-            f"AsyncPipeStrategy pipelines a top-level nn.Sequential of the LightningModule, but {cls} has none. "
-            f"Top-level children: {[n for n, _ in module.named_children()] or 'none'}. Put the layers to pipeline "
-            "in one nn.Sequential attribute (e.g. self.net = nn.Sequential(...)) and call it from forward()."
+            f"AsyncPipeStrategy pipelines the submodule that holds {cls}'s layers, but "
+            f"{'several top-level children hold parameters: ' + str(top) if top else cls + ' has no parameters'}. "
+            f"Put the layers in one submodule that forward() calls (e.g. self.model = MyNet(...)), or name it with "
+            f"AsyncPipeStrategy(sequential={top[0] if top else 'net'!r}) (a dotted path, e.g. 'net.model')."
         )
-    raise PipelineConfigError(
-        f"AsyncPipeStrategy found several top-level nn.Sequential attributes in {cls}: {candidates}. Name the one "
-        f"to pipeline with AsyncPipeStrategy(sequential={candidates[0]!r})."
-    )
+    return ".".join(path)
+
+
+def _is_torch_layer(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("torch.nn") and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
+def find_sequential(module: nn.Module, attr: Optional[str] = None) -> str:
+    """Former name of :func:`find_pipelined` (any module, not only an ``nn.Sequential``)."""
+    return find_pipelined(module, attr)
 
 
 def check_parameters_inside(module: nn.Module, attr: str) -> None:
-    """Raise if ``module`` has parameters outside its pipelined Sequential ``attr``.
+    """Raise if ``module`` has parameters outside its pipelined module ``attr``.
 
     Every stage would hold its own copy of such a parameter and train it differently.
     """
@@ -149,8 +244,8 @@ def check_parameters_inside(module: nn.Module, attr: str) -> None:
         shown = ", ".join(outside[:6]) + (", ..." if len(outside) > 6 else "")
         raise PipelineConfigError(
             f"AsyncPipeStrategy requires every parameter of {type(module).__name__} to live inside the pipelined "
-            f"nn.Sequential '{attr}', but found {len(outside)} outside it: {shown}. Move those layers into "
-            f"'{attr}' (an embedding becomes its first layer, a head its last)."
+            f"module '{attr}', but found {len(outside)} outside it: {shown}. Move those layers into '{attr}' (or "
+            "pipeline a module that contains them all)."
         )
 
 
@@ -189,8 +284,8 @@ def balance_by_cost(costs: Sequence[float], n_stages: int, has_parameters: Optio
     return counts[::-1]
 
 
-def compute_balance(layers: nn.Sequential, n_stages: int, balance: Balance) -> list[int]:
-    """Layer counts per stage for ``balance``.
+def compute_balance(layers: Sequence[Any], n_stages: int, balance: Balance) -> list[int]:
+    """Layer (unit) counts per stage for ``balance`` over ``layers`` (modules, or unit names).
 
     Raises:
         BalanceError: if there are fewer layers than stages, or an explicit balance is malformed.
@@ -225,38 +320,235 @@ def compute_balance(layers: nn.Sequential, n_stages: int, balance: Balance) -> l
     return counts
 
 
+def find_units(root: nn.Module, graph: Any) -> list[str]:
+    """The names split points are chosen among, in the order forward runs them: the blocks of
+    ``root``'s outermost containers of repeated blocks (``nn.ModuleList`` / ``nn.Sequential`` with
+    at least two children of one class), or ``root``'s own layers if it is such a container, or
+    else its children."""
+    ran = called_modules(graph)
+    order = {name: i for i, name in enumerate(ran)}
+
+    def repeated(m: nn.Module) -> bool:
+        kinds = [type(c) for c in m.children()]
+        return isinstance(m, (nn.ModuleList, nn.Sequential)) and len(kinds) >= 2 and len(set(kinds)) < len(kinds)
+
+    if repeated(root):
+        return [n for n, _ in root.named_children() if n in order]
+    containers: list[str] = []
+
+    def visit(prefix: str, m: nn.Module) -> None:
+        for name, child in m.named_children():
+            qualified = prefix + name
+            if repeated(child):
+                containers.append(qualified)
+            else:
+                visit(qualified + ".", child)
+
+    visit("", root)
+    units = [f"{c}.{n}" for c in containers for n, _ in root.get_submodule(c).named_children()]
+    units = [u for u in units if u in order]
+    if not units:
+        units = [n for n, _ in root.named_children() if n in order]
+    return sorted(units, key=order.__getitem__)
+
+
+class _Called(Exception):
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.call = args, kwargs
+
+
+def example_call(module: nn.Module, attr: str) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The call of the pipelined module ``attr`` that ``module(example_input_array)`` makes, or
+    ``None`` when the module has no ``example_input_array`` (Lightning's convention for a sample
+    batch) or its forward does not call ``attr``."""
+    example = getattr(module, "example_input_array", None)
+    if example is None:
+        return None
+
+    def stop(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise _Called(args, kwargs)
+
+    handle = module.get_submodule(attr).register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            if isinstance(example, dict):
+                module(**example)
+            else:
+                module(*example) if isinstance(example, tuple) else module(example)
+    except _Called as called:
+        return called.call
+    finally:
+        handle.remove()
+    return None
+
+
+def _placeholder_call(root: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A call of ``root`` for a capture without data: a tensor for each required argument and
+    each argument that defaults to ``None`` (``targets=None``, ``mask=None``), the other defaults
+    as they are."""
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for p in list(inspect.signature(type(root).forward).parameters.values())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        value = torch.empty(0) if p.default is p.empty or p.default is None else p.default
+        if p.kind is p.KEYWORD_ONLY:
+            kwargs[p.name] = value
+        else:
+            args.append(value)
+    return tuple(args), kwargs
+
+
+def _unit_costs(root: nn.Module, units: Sequence[str], ran: Sequence[str]) -> list[float]:
+    """Parameters per unit; those of layers outside the units count with the first unit when they
+    run before it, with the last otherwise (each parameter once)."""
+    seen: set[int] = set()
+
+    def count(m: nn.Module) -> int:
+        total = 0
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        return total
+
+    costs = [float(count(root.get_submodule(u))) for u in units]
+    first = ran.index(units[0]) if units[0] in ran else 0
+    for name in ran:
+        m = root.get_submodule(name)
+        if any(name == u or name.startswith(u + ".") or u.startswith(name + ".") for u in units):
+            continue
+        extra = sum(p.numel() for p in m.parameters(recurse=False) if id(p) not in seen)
+        for p in m.parameters(recurse=False):
+            seen.add(id(p))
+        costs[0 if ran.index(name) < first else -1] += extra
+    return [max(c, 1.0) for c in costs]
+
+
 def partition_module(
-    module: nn.Module, n_stages: int, stage: int, balance: Balance = "uniform", attr: Optional[str] = None
+    module: nn.Module,
+    n_stages: int,
+    stage: int,
+    balance: Balance = "uniform",
+    attr: Optional[str] = None,
+    split_points: Optional[Sequence[str]] = None,
+    leaf_modules: Sequence[str] = (),
+    example: Optional[tuple[Sequence[Any], Mapping[str, Any]]] = None,
 ) -> Partition:
-    """Replace ``module``'s pipelined Sequential with the layers of ``stage`` only.
+    """Replace ``module``'s pipelined module with this stage's part of it.
+
+    ``example``: a typical call ``(args, kwargs)`` of the pipelined module (default: tensors for
+    its required arguments and for those defaulting to ``None``).
 
     Returns:
-        The :class:`Partition`; :func:`restore_module` puts the full Sequential back.
+        The :class:`Partition`; :func:`restore_module` puts the whole module back.
+
+    Raises:
+        PipelineConfigError: no pipelined module, parameters outside it, a forward that cannot be
+            captured (:class:`~lightning_asyncpipe.capture.CaptureError`), bad split points.
+        BalanceError: fewer units than stages, or a malformed explicit balance.
     """
-    attr = find_sequential(module, attr)
+    attr = find_pipelined(module, attr)
     check_parameters_inside(module, attr)
-    original: nn.Sequential = getattr(module, attr)
-    counts = compute_balance(original, n_stages, balance)
-    lo = sum(counts[:stage])
-    hi = lo + counts[stage]
-    names = list(original._modules)
-    local = StageModule(OrderedDict((names[i], original[i]) for i in range(lo, hi)), stage, n_stages, attr)
-    local.train(original.training)
-    for i, name in enumerate(names):
-        if not lo <= i < hi:
-            original[i].to("meta")
-    setattr(module, attr, local)
-    return Partition(attr, counts, stage, original, local)
+    root = module.get_submodule(attr)
+    args, kwargs = example if example is not None else _placeholder_call(root)
+    captured = capture(root, tuple(args), dict(kwargs), leaf_modules)
+    values = meta_values(captured, Partition.inputs(args, kwargs))
+    units = find_units(root, captured.graph)
+    counts: list[int] = []
+    if split_points is None:
+        if balance == "parameters":
+            counts = balance_by_cost(_unit_costs(root, units, called_modules(captured.graph)), n_stages) \
+                if len(units) >= n_stages else compute_balance(units, n_stages, "uniform")  # fmt: skip
+        else:
+            counts = compute_balance(units, n_stages, balance)
+        split_points = [units[sum(counts[:s])] for s in range(1, n_stages)]
+    split = split_graph(captured, list(split_points), values)
+    program = split.programs[stage]
+    named = dict(root.named_parameters())
+    shared_params = {n: named[n] for n, stages in split.shared.items() if stage in stages}
+    local = StageModule(stage, n_stages, attr, root)
+    local.train(root.training)
+    held = list(program.attributes)
+    if stage == 0:  # parameters and buffers forward never uses: kept (and checkpointed) by stage 0
+        used = {id(t) for p in split.programs for name in p.attributes for t in _tensors(root, name)}
+        held += [n for n, t in [*root.named_parameters(), *root.named_buffers()] if id(t) not in used]
+    _install(local, root, held, stage)
+    local.program = program
+    _release(root, {id(t) for t in [*local.parameters(), *local.buffers()]})
+    _set_submodule(module, attr, local)
+    part = Partition(attr, counts, stage, root, local, units, list(split_points), split.shared, tuple(leaf_modules),
+                     shared_params)  # fmt: skip
+    part._programs[captured.signature] = program
+    return part
+
+
+def _tensors(root: nn.Module, name: str) -> list[Tensor]:
+    owner, _, leaf = name.rpartition(".")
+    value = getattr(root.get_submodule(owner) if owner else root, leaf)
+    if isinstance(value, nn.Module):
+        return [*value.parameters(), *value.buffers()]
+    return [value] if isinstance(value, Tensor) else []
+
+
+def _install(local: StageModule, root: nn.Module, names: Sequence[str], stage: int) -> None:
+    """Put ``root``'s ``names`` (modules, parameters, buffers) into ``local`` under the same names."""
+    for name in names:
+        *path, leaf = name.split(".")
+        source: nn.Module = root
+        parent: nn.Module = local
+        for part in path:
+            source = getattr(source, part)
+            if part not in parent._modules:
+                parent.add_module(part, nn.Module())
+            parent = parent._modules[part]  # type: ignore[assignment]
+        value = getattr(source, leaf)
+        if isinstance(value, Tensor) and value.is_meta or isinstance(value, nn.Module) and any(
+                t.is_meta for t in [*value.parameters(), *value.buffers()]):  # fmt: skip
+            raise PipelineConfigError(
+                f"forward, called with these arguments, runs '{name}' on stage {stage}, which holds no copy of it: the "
+                "partition was chosen from another call of forward. Set `self.example_input_array` in the "
+                "LightningModule to a typical batch (its call of the pipelined module then decides the partition)."
+            )
+        if isinstance(value, nn.Module):
+            if leaf not in parent._modules:
+                parent.add_module(leaf, value)
+        elif isinstance(value, nn.Parameter):
+            parent.register_parameter(leaf, value)
+        elif isinstance(value, Tensor):
+            parent.register_buffer(leaf, value, persistent=leaf not in source._non_persistent_buffers_set)
+
+
+def _release(root: nn.Module, keep: set[int]) -> None:
+    """Move every parameter and buffer of ``root`` not in ``keep`` to ``meta`` (in place: tied
+    parameters stay one object)."""
+    for m in root.modules():
+        for name, p in m._parameters.items():
+            if p is not None and id(p) not in keep and not p.is_meta:
+                torch.utils.swap_tensors(p, nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad))
+        for name, b in m._buffers.items():
+            if b is not None and id(b) not in keep and not b.is_meta:
+                m._buffers[name] = torch.empty_like(b, device="meta")
+
+
+def _set_submodule(module: nn.Module, attr: str, value: nn.Module) -> None:
+    owner, _, leaf = attr.rpartition(".")
+    setattr(module.get_submodule(owner) if owner else module, leaf, value)
 
 
 def restore_module(module: nn.Module, part: Partition, full_state: Mapping[str, Tensor]) -> None:
-    """Put the full Sequential back into ``module`` with the weights of ``full_state`` (a
-    ``module.state_dict()``-shaped mapping holding every layer)."""
+    """Put the whole pipelined module back into ``module`` with the weights of ``full_state`` (a
+    ``module.state_dict()``-shaped mapping holding every stage's tensors)."""
     device = next((t.device for t in part.local.state_dict().values()), torch.device("cpu"))
-    for layer in part.original:
-        if any(t.is_meta for t in layer.state_dict().values()):
-            layer.to_empty(device=device)
+    for m in part.original.modules():
+        for name, p in m._parameters.items():
+            if p is not None and p.is_meta:
+                torch.utils.swap_tensors(p, nn.Parameter(torch.empty_like(p, device=device), p.requires_grad))
+        for name, b in m._buffers.items():
+            if b is not None and b.is_meta:
+                m._buffers[name] = torch.empty_like(b, device=device)
     part.original.train(part.local.training)
-    setattr(module, part.attr, part.original)
+    _set_submodule(module, part.attr, part.original)
     prefix = part.attr + "."
     part.original.load_state_dict({k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)})

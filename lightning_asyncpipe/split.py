@@ -19,7 +19,8 @@ e.g. ``"blocks.2"``). Within that, each node goes where it can run:
 
 Each stage becomes a :class:`StageProgram`: a function of ``(stage module, *inputs)`` (the
 call's tensors on the first stage, the received tensors on the others) that returns the tensors
-the next stage receives, or, on the last stage, the forward's return value. Programs look their layers up by the user's names on the stage module
+the next stage receives (one bare, several in a tuple), or, on the last stage, the forward's
+return value. Programs look their layers up by the user's names on the stage module
 (see :func:`stage_module`), so ``state_dict`` keys, hooks and ``functional_call`` see the user's
 parameters.
 """
@@ -238,8 +239,9 @@ def split_graph(captured: Captured, split_points: Sequence[str], values: Mapping
             env[n] = g.node_copy(n, lambda x: env[x])
             if n.op in ("call_module", "get_attr"):
                 attributes.append(str(n.target))
-        if s < last:
-            g.output(tuple(env[n] for n in boundaries[s]))
+        if s < last:  # one tensor is sent bare, several as a tuple
+            sent = [env[n] for n in boundaries[s]]
+            g.output(sent[0] if len(sent) == 1 else tuple(sent))
         else:
             g.output(fx.map_arg(nodes[-1].args[0], lambda x: env[x]))
         g.lint()

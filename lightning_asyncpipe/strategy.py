@@ -7,7 +7,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -31,7 +31,7 @@ from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import RandomSampler
 from typing_extensions import override
@@ -59,11 +59,12 @@ from lightning_asyncpipe.partition import (
     Partition,
     balance_by_cost,
     check_parameters_inside,
-    compute_balance,
-    find_sequential,
+    example_call,
+    find_pipelined,
     partition_module,
     restore_module,
 )
+from lightning_asyncpipe.tied import SharedParameters
 from lightning_asyncpipe.signals import StopRequest, StopRequested, StopSignals
 from lightning_asyncpipe.profiling import layer_costs, profile_layers, sequential_input
 from lightning_asyncpipe.policies import WeightPolicy, available_policies, get_policy, policy_class
@@ -82,7 +83,7 @@ StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
 
 
 class AsyncPipeStrategy(ParallelStrategy):
-    """Pipeline-parallel training of a LightningModule's ``nn.Sequential``, one process per stage.
+    """Pipeline-parallel training of a LightningModule, one process per stage.
 
     ``devices = stages x replicas``: each process holds one stage of one pipeline replica (see
     :mod:`lightning_asyncpipe.topology` for the rank layout). The user's steps run unchanged on the
@@ -95,8 +96,16 @@ class AsyncPipeStrategy(ParallelStrategy):
         stages: pipeline stages; default: all devices form one pipeline.
         balance: ``"uniform"``, ``"parameters"``, ``"time"``, ``"memory"`` (measured at setup on
             one micro-batch of ``example_input_array``) or a list of layer counts per stage.
-        sequential: attribute name of the ``nn.Sequential`` to pipeline (found automatically when
-            the module has exactly one).
+        sequential: dotted path of the submodule to pipeline, e.g. ``"model"`` or ``"net.model"``
+            (any module, not only an ``nn.Sequential``; found automatically: the single child,
+            descending, that holds every parameter). Its forward is captured as a graph
+            (:mod:`lightning_asyncpipe.capture`) and split before its blocks
+            (:mod:`lightning_asyncpipe.partition`).
+        split_points: the module each stage after the first begins with, e.g.
+            ``["transformer.h.2"]`` (names from the pipelined module's ``named_modules()``);
+            default: chosen among its repeated blocks by ``balance``.
+        leaf_modules: modules of the pipelined module to run whole instead of tracing through
+            (e.g. one with data-dependent control flow); each runs on one stage.
         policy_options: keyword arguments for the policy.
         process_group_backend: ``"gloo"``, ``"nccl"``; default from the device.
         timeout: timeout of the process groups and of every wait for a neighbour's tensors.
@@ -129,6 +138,8 @@ class AsyncPipeStrategy(ParallelStrategy):
         stages: Optional[int] = None,
         balance: Balance = "uniform",
         sequential: Optional[str] = None,
+        split_points: Optional[Sequence[str]] = None,
+        leaf_modules: Sequence[str] = (),
         policy_options: Optional[Mapping[str, Any]] = None,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -163,6 +174,9 @@ class AsyncPipeStrategy(ParallelStrategy):
         self.microbatches = microbatches
         self.balance = balance
         self.sequential = sequential
+        self.split_points = list(split_points) if split_points is not None else None
+        self.leaf_modules = tuple(leaf_modules)
+        self._shared: Optional[SharedParameters] = None
         self._stages = stages
         self._num_nodes = 1
         self._process_group_backend = process_group_backend
@@ -324,13 +338,17 @@ class AsyncPipeStrategy(ParallelStrategy):
                 f"{name} does not support manual optimization: the pipeline runs the backward passes and applies the "
                 "updates itself. Remove `self.automatic_optimization = False` and return the loss from training_step."
             )
-        attr = find_sequential(module, self.sequential)
+        attr = find_pipelined(module, self.sequential)
         check_parameters_inside(module, attr)
         if self.balance in MEASURED_BALANCES:
-            compute_balance(getattr(module, attr), self.n_stages, "uniform")  # enough layers?
-            sequential_input(module, getattr(module, attr), self.microbatches)  # an example to profile?
-        else:
-            compute_balance(getattr(module, attr), self.n_stages, self.balance)
+            layers = module.get_submodule(attr)
+            if not isinstance(layers, nn.Sequential):
+                raise PipelineConfigError(
+                    f"balance={self.balance!r} profiles the layers of an nn.Sequential, but '{attr}' is a "
+                    f"{type(layers).__name__}. Use balance='parameters', a list of block counts per stage, or "
+                    "split_points=[...]."
+                )
+            sequential_input(module, layers, self.microbatches)  # an example to profile?
 
     def _check_trainer(self, trainer: Trainer) -> None:
         name = type(self).__name__
@@ -356,7 +374,9 @@ class AsyncPipeStrategy(ParallelStrategy):
         self.accelerator.setup(trainer)
         topo = self.topology
         balance = self._measured_balance(module) if self.balance in MEASURED_BALANCES else self.balance
-        self._partition = partition_module(module, topo.n_stages, self.stage, balance, self.sequential)
+        attr = find_pipelined(module, self.sequential)
+        self._partition = partition_module(module, topo.n_stages, self.stage, balance, attr, self.split_points,
+                                           self.leaf_modules, example_call(module, attr))  # fmt: skip
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -368,6 +388,15 @@ class AsyncPipeStrategy(ParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm  # type: ignore[method-assign]
         self._policy = get_policy(self.policy_name, **self.policy_options)
+        if self._partition.shared and not self._policy.synchronous:
+            shared = ", ".join(f"{n} (stages {s})" for n, s in self._partition.shared.items())
+            raise PipelineConfigError(
+                f"{type(self).__name__}(policy={self.policy_name!r}): parameters are shared between stages ({shared}), "
+                "and which version each copy sees is defined for synchronous policies only so far. Use "
+                "policy='gpipe' or 'pipedream_flush', or choose split points that keep the sharing layers on one stage."
+            )
+        self._shared = SharedParameters(self._partition.shared, self._partition.shared_params, self.stage, topo,
+                                        self.global_rank)  # fmt: skip
         if not self._policy.synchronous:
             # by design the first update of an asynchronous stage comes after the scheduler's first step
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
@@ -454,7 +483,7 @@ class AsyncPipeStrategy(ParallelStrategy):
     def _measured_balance(self, module: LightningModule) -> list[int]:
         """``balance="time"`` / ``"memory"``: profile every layer on this rank's device, average the
         costs over all ranks (so every rank partitions alike) and minimise the largest stage."""
-        layers = getattr(module, find_sequential(module, self.sequential))
+        layers = module.get_submodule(find_pipelined(module, self.sequential))
         sample = sequential_input(module, layers, self.microbatches)
         profiles = profile_layers(layers, sample, self.root_device, microbatches=self.microbatches,
                                   defer_weight_grad=self.defer_weight_grad)  # fmt: skip
@@ -508,7 +537,7 @@ class AsyncPipeStrategy(ParallelStrategy):
         assert self._partition is not None and self._pipeline is not None
         microbatches = split(args[0], self.microbatches)
         first = self._pipeline.first_microbatch if training else 0
-        return UserStep(fn, microbatches, first, tuple(args[1:]), self._partition.local,
+        return UserStep(fn, microbatches, first, tuple(args[1:]), self._partition,
                         microbatch_weights(microbatches), self._recorder, training)  # fmt: skip
 
     def _recording(self) -> Any:
@@ -651,6 +680,8 @@ class AsyncPipeStrategy(ParallelStrategy):
                 flat /= self.topology.n_replicas
                 for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                     g.copy_(synced)
+        if self._shared:
+            self._shared.sum_gradients()  # the copies of a shared parameter take the same update
         # on_before_optimizer_step hooks and gradient clipping, as Lightning runs them after a closure
         self.precision_plugin._after_closure(self.lightning_module, optimizer)
         if step_fn is None:
@@ -665,11 +696,13 @@ class AsyncPipeStrategy(ParallelStrategy):
         """Clip by the norm over *all* stages for synchronous policies (exactly what one device does),
         by the stage's own norm for asynchronous ones (stages update at different times)."""
         assert self._policy is not None
-        grads = [p.grad for p in self.precision_plugin.main_params(optimizer) if p.grad is not None]
+        params = [p for p in self.precision_plugin.main_params(optimizer) if p.grad is not None]
+        grads = [p.grad for p in params]
         device = grads[0].device if grads else self.root_device
         squared = torch.zeros((), dtype=torch.float32, device=device)
-        for g in grads:
-            squared += g.detach().float().pow(2).sum()
+        for p in params:  # a parameter several stages hold counts once
+            if self._shared is None or self._shared.counts_in_norm(p):
+                squared += p.grad.detach().float().pow(2).sum()
         if self._policy.synchronous and self.topology.n_stages > 1:
             dist.all_reduce(squared, group=self._groups.pipeline if self._groups else None)
         coef = torch.clamp(float(clip_val) / (squared.sqrt() + 1e-6), max=1.0)

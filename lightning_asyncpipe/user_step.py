@@ -2,11 +2,14 @@
 
 The user's ``training_step`` (or ``validation_step``, ...) runs unchanged, once per micro-batch:
 
-- on the **first** stage it runs up to the call of the pipelined ``nn.Sequential``; that call
-  captures its input and leaves the step (a ``BaseException``, so a user's ``except Exception``
-  does not swallow it). Nothing after the call runs there.
-- on the **last** stage it runs whole; the call of the pipelined ``nn.Sequential`` returns the
-  output the pipeline computed for this micro-batch, so ``self(x)`` is the pipelined output.
+- on the **first** stage it runs up to the call of the pipelined module; that call captures its
+  arguments and leaves the step (a ``BaseException``, so a user's ``except Exception`` does not
+  swallow it). Nothing after the call runs there.
+- on the **last** stage it runs whole; the call of the pipelined module returns the output the
+  pipeline computed for this micro-batch, so ``self(x)`` is the pipelined output.
+- on the **other** stages it runs up to the call once per kind of step and batch structure, to
+  learn the call's structure (which arguments are tensors, which are ``None`` or constants): that
+  selects the stage's program (:meth:`~lightning_asyncpipe.partition.Partition.program`).
 
 What the step logs with ``self.log`` is recorded per micro-batch and combined per batch by
 :class:`LogRecorder` (a weighted mean for values, the last object for torchmetrics metrics), so
@@ -24,15 +27,16 @@ from torch import Tensor
 
 from lightning_asyncpipe.errors import PipelineConfigError
 from lightning_asyncpipe.microbatch import merge, signature
-from lightning_asyncpipe.partition import StageModule
+from lightning_asyncpipe.partition import Partition, StageModule
+from lightning_asyncpipe.split import StageProgram
 
 __all__ = ["UserStep", "LogRecord", "LogRecorder"]
 
 
 class _StageExit(BaseException):
-    def __init__(self, inputs: tuple[Any, ...]) -> None:
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         super().__init__()
-        self.inputs = inputs
+        self.args_, self.kwargs = args, kwargs
 
 
 @dataclass
@@ -87,7 +91,7 @@ class UserStep:
         microbatches: the micro-batches of the batch, in order.
         first: the global index of ``microbatches[0]``.
         extra: the step's arguments after the batch (``batch_idx``, ``dataloader_idx``).
-        stage_module: the local stand-in of the pipelined Sequential.
+        partition: the stage's partition (its local stand-in of the pipelined module, programs).
         weights: each micro-batch's share of the batch (``n_i / N``).
         recorder: records ``self.log`` calls (installed on the module by the caller).
         training: whether the returned loss is backpropagated.
@@ -97,11 +101,16 @@ class UserStep:
     microbatches: Sequence[Any]
     first: int
     extra: tuple[Any, ...]
-    stage_module: StageModule
+    partition: Partition
     weights: Sequence[float]
     recorder: LogRecorder
     training: bool
     outputs: dict[int, Any] = field(default_factory=dict)
+    _calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def stage_module(self) -> StageModule:
+        return self.partition.local
 
     def key(self, microbatch: int) -> Any:
         # training and evaluation send the same shapes with different requires_grad flags
@@ -114,29 +123,47 @@ class UserStep:
         finally:
             self.stage_module.call_handler = None
 
-    def stage_inputs(self, microbatch: int) -> tuple[Tensor, ...]:
-        def capture(inputs: tuple[Any, ...]) -> Any:
-            raise _StageExit(inputs)
+    def _capture(self, microbatch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        def capture(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            raise _StageExit(args, kwargs)
 
         self.recorder.enabled = False
         try:
             self._call(microbatch, capture)
         except _StageExit as exit_:
-            return tuple(exit_.inputs)
+            return exit_.args_, exit_.kwargs
         finally:
             self.recorder.enabled = True
         raise self._never_called()
 
+    def stage_inputs(self, microbatch: int) -> tuple[Tensor, ...]:
+        args, kwargs = self._calls[microbatch] = self._capture(microbatch)
+        return Partition.inputs(args, kwargs)
+
+    def stage_program(self, microbatch: int) -> StageProgram:
+        """The program for this micro-batch's call: from the captured call on stage 0, else by the
+        kind of step and the batch's structure (the call is captured the first time only)."""
+        call = self._calls.pop(microbatch, None)
+        key = (self.fn.__name__, self.key(microbatch))
+        if call is None:
+            found = self.partition.programs_by_step.get(key)
+            if found is not None:
+                return found
+            call = self._capture(microbatch)
+        program = self.partition.program(*call)
+        self.partition.programs_by_step[key] = program
+        return program
+
     def stage_outputs(self, microbatch: int, outputs: Any) -> Optional[Tensor]:
         calls = []
 
-        def replay(inputs: tuple[Any, ...]) -> Any:
+        def replay(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if calls:
                 raise PipelineConfigError(
-                    f"{self.fn.__name__} called the pipelined nn.Sequential '{self.stage_module.attr}' twice for one "
+                    f"{self.fn.__name__} called the pipelined module '{self.stage_module.attr}' twice for one "
                     "micro-batch; a pipeline runs it once per step. Call it once (e.g. through self(x))."
                 )
-            calls.append(inputs)
+            calls.append(args)
             return outputs
 
         self.recorder.weight = self.weights[microbatch - self.first]
@@ -151,9 +178,9 @@ class UserStep:
 
     def _never_called(self) -> PipelineConfigError:
         return PipelineConfigError(
-            f"{self.fn.__name__} returned without calling the pipelined nn.Sequential "
-            f"'{self.stage_module.attr}'. AsyncPipeStrategy runs it once per micro-batch and expects it to call the "
-            "Sequential (usually through self(x) in forward)."
+            f"{self.fn.__name__} returned without calling the pipelined module "
+            f"'{self.stage_module.attr}'. AsyncPipeStrategy runs it once per micro-batch and expects it to call that "
+            "module (usually through self(x) in forward)."
         )
 
     def merged_outputs(self) -> Any:

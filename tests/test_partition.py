@@ -144,20 +144,27 @@ def test_find_sequential_single():
     assert find_sequential(Holder()) == "net"
 
 
-def test_find_sequential_none():
-    with pytest.raises(PipelineConfigError, match=r"NoSeq has none\. Top-level children: \['encoder', 'head'\]"):
+def test_find_pipelined_several_holders():
+    with pytest.raises(PipelineConfigError, match=r"several top-level children hold parameters: \['encoder', 'head'\]"):
         find_sequential(NoSeq())
 
 
-def test_find_sequential_none_no_children():
-    with pytest.raises(PipelineConfigError, match=r"Top-level children: none"):
+def test_find_pipelined_no_parameters():
+    with pytest.raises(PipelineConfigError, match=r"Module has no parameters"):
         find_sequential(nn.Module())
 
 
+def test_find_pipelined_descends_to_the_single_holder():
+    outer = nn.Module()
+    outer.net = nn.Module()
+    outer.net.model = nn.Sequential(nn.Linear(2, 2))
+    outer.net.loss = nn.MSELoss()  # no parameters: not a candidate
+    assert find_sequential(outer) == "net.model"
+    assert find_sequential(outer, "net.model") == "net.model" and find_sequential(outer, "net") == "net"
+
+
 def test_find_sequential_several():
-    with pytest.raises(
-        PipelineConfigError, match=r"several top-level nn.Sequential attributes in TwoSeq: \['body', 'tail'\].*sequential='body'"
-    ):
+    with pytest.raises(PipelineConfigError, match=r"several top-level children hold parameters: \['body', 'tail', 'other'\].*sequential='body'"):
         find_sequential(TwoSeq())
 
 
@@ -165,16 +172,14 @@ def test_find_sequential_explicit():
     assert find_sequential(TwoSeq(), "tail") == "tail"
 
 
-def test_find_sequential_explicit_not_sequential():
-    with pytest.raises(
-        PipelineConfigError,
-        match=r"sequential='other'\): TwoSeq\.other is Linear, not an nn\.Sequential\. .*TwoSeq: \['body', 'tail'\]",
-    ):
-        find_sequential(TwoSeq(), "other")
-    with pytest.raises(PipelineConfigError, match=r"TwoSeq\.nope is missing, not an nn\.Sequential"):
+def test_find_pipelined_explicit_checks_the_path():
+    assert find_sequential(TwoSeq(), "other") == "other"  # any module, not only a Sequential
+    with pytest.raises(PipelineConfigError, match=r"TwoSeq\.nope is missing\. Modules of TwoSeq that hold parameters: \['body', 'body.0'"):
         find_sequential(TwoSeq(), "nope")
-    with pytest.raises(PipelineConfigError, match=r"NoSeq\.head is Linear.*NoSeq: none"):
-        find_sequential(NoSeq(), "head")
+    holder = nn.Module()
+    holder.blocks = nn.ModuleList([nn.Linear(2, 2)])
+    with pytest.raises(PipelineConfigError, match=r"blocks is a ModuleList \(it has no forward\)"):
+        find_sequential(holder, "blocks")
 
 
 # ---------------------------------------------------------------------------------------------- parameters inside
@@ -208,7 +213,7 @@ def test_check_parameters_inside_truncates_long_lists():
 
 def test_partition_refuses_outside_params():
     with pytest.raises(PipelineConfigError, match="outside it"):
-        partition_module(OutsideParams(), 1, 0)
+        partition_module(OutsideParams(), 1, 0, attr="net")
 
 
 # ---------------------------------------------------------------------------------------------- partition / restore
@@ -285,7 +290,7 @@ def test_stage_module_refuses_direct_call():
     model = Holder(6)
     partition_module(model, 3, 1)
     x = torch.randn(2, 4)
-    with pytest.raises(AsyncPipeError, match=r"holds only stage 1 \(layers 2\.\.3\) of 'net'; it cannot run the whole model"):
+    with pytest.raises(AsyncPipeError, match=r"holds only stage 1 \(2\.\.3\) of 'net'; it cannot run the whole model"):
         model.net(x)
 
 
@@ -323,7 +328,7 @@ def test_stage_module_call_handler():
     model = Holder(4)
     partition_module(model, 2, 0)
     seen = []
-    model.net.call_handler = lambda inputs: seen.append(inputs) or "handled"
+    model.net.call_handler = lambda args, kwargs: seen.append(args) or "handled"
     x = torch.randn(1, 4)
     assert model.net(x) == "handled"
     assert len(seen) == 1 and seen[0][0] is x
