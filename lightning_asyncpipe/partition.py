@@ -226,7 +226,7 @@ def find_pipelined(module: nn.Module, attr: Optional[str] = None) -> str:
 
 
 def _is_torch_layer(m: nn.Module) -> bool:
-    return type(m).__module__.startswith("torch.nn") and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+    return type(m).__module__.startswith("torch.nn") and type(m) not in (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def find_sequential(module: nn.Module, attr: Optional[str] = None) -> str:

@@ -40,7 +40,8 @@ def _run_pipeline(module: nn.Module, split: Split, args: tuple, kwargs: dict,
     for program, stage in zip(split.programs, modules):
         out = program(stage, *received)
         if program.sent:
-            assert isinstance(out, tuple) and len(out) == len(program.sent)
+            out = out if isinstance(out, tuple) else (out,)
+            assert len(out) == len(program.sent)
             kept.append((received, out))
             received = [t.detach().requires_grad_(t.requires_grad) for t in out]  # as the executor's flags
         else:
@@ -101,7 +102,7 @@ def test_generation_call_without_targets_is_its_own_graph() -> None:
     model, (idx, _) = _gpt(), _tokens()
     split = _split(model, (idx,), {}, ["transformer.h.2"])
     modules = [stage_module(model, p.attributes) for p in split.programs]
-    (h,) = split.programs[0](modules[0], idx)
+    h = split.programs[0](modules[0], idx)
     logits, loss = split.programs[1](modules[1], h)
     expected, _ = model(idx)
     assert loss is None and logits.shape == (3, 1, 32)
