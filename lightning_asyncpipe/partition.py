@@ -55,6 +55,8 @@ __all__ = [
     "compute_balance",
     "balance_by_cost",
     "find_units",
+    "Plan",
+    "plan_partition",
     "example_call",
     "partition_module",
     "restore_module",
@@ -208,7 +210,8 @@ def find_pipelined(module: nn.Module, attr: Optional[str] = None) -> str:
             )
         return attr
     path, current = [], module
-    while not isinstance(current, nn.Sequential) and not any(True for _ in current.parameters(recurse=False)):
+    # (parameters of the LightningModule itself are reported by check_parameters_inside)
+    while not path or not isinstance(current, nn.Sequential) and not any(True for _ in current.parameters(recurse=False)):
         children = [(n, c) for n, c in current.named_children() if any(True for _ in c.parameters())]
         if len(children) != 1 or isinstance(children[0][1], (nn.ModuleList, nn.ModuleDict)) or _is_torch_layer(children[0][1]):
             break
@@ -216,6 +219,14 @@ def find_pipelined(module: nn.Module, attr: Optional[str] = None) -> str:
         current = children[0][1]
     if not path:
         top = [n for n, c in module.named_children() if any(True for _ in c.parameters())]
+        if len(top) == 1:  # a ModuleList / ModuleDict, run by the module's own forward
+            kind = type(module.get_submodule(top[0])).__name__
+            raise PipelineConfigError(
+                f"AsyncPipeStrategy pipelines the submodule that holds {cls}'s layers, but they are in the {kind} "
+                f"'{top[0]}', which has no forward of its own ({cls}.forward runs them), and pipelining the "
+                f"LightningModule's own forward is not supported yet. Move the layers and the forward into one module "
+                f"(e.g. self.model = MyNet(...), with {cls}.forward calling self.model(x))."
+            )
         raise PipelineConfigError(
             f"AsyncPipeStrategy pipelines the submodule that holds {cls}'s layers, but "
             f"{'several top-level children hold parameters: ' + str(top) if top else cls + ' has no parameters'}. "
@@ -426,23 +437,33 @@ def _unit_costs(root: nn.Module, units: Sequence[str], ran: Sequence[str]) -> li
     return [max(c, 1.0) for c in costs]
 
 
-def partition_module(
+@dataclass
+class Plan:
+    """Where a module is split: what :func:`plan_partition` decides, before anything is moved."""
+
+    attr: str
+    root: nn.Module
+    captured: Captured
+    units: list[str]
+    counts: list[int]
+    split_points: list[str]
+    split: Any  # lightning_asyncpipe.split.Split
+
+
+def plan_partition(
     module: nn.Module,
     n_stages: int,
-    stage: int,
     balance: Balance = "uniform",
     attr: Optional[str] = None,
     split_points: Optional[Sequence[str]] = None,
     leaf_modules: Sequence[str] = (),
     example: Optional[tuple[Sequence[Any], Mapping[str, Any]]] = None,
-) -> Partition:
-    """Replace ``module``'s pipelined module with this stage's part of it.
+) -> Plan:
+    """Find the pipelined module, capture its forward and choose the split (nothing is changed):
+    every error a partition can meet, in the process that calls it.
 
     ``example``: a typical call ``(args, kwargs)`` of the pipelined module (default: tensors for
     its required arguments and for those defaulting to ``None``).
-
-    Returns:
-        The :class:`Partition`; :func:`restore_module` puts the whole module back.
 
     Raises:
         PipelineConfigError: no pipelined module, parameters outside it, a forward that cannot be
@@ -464,7 +485,34 @@ def partition_module(
         else:
             counts = compute_balance(units, n_stages, balance)
         split_points = [units[sum(counts[:s])] for s in range(1, n_stages)]
+    elif len(split_points) != n_stages - 1:
+        raise PipelineConfigError(
+            f"split_points={list(split_points)} gives {len(split_points) + 1} stages, but the pipeline has {n_stages}: "
+            f"name {n_stages - 1} modules (the first module of each stage after the first)."
+        )
     split = split_graph(captured, list(split_points), values)
+    return Plan(attr, root, captured, units, counts, list(split_points), split)
+
+
+def partition_module(
+    module: nn.Module,
+    n_stages: int,
+    stage: int,
+    balance: Balance = "uniform",
+    attr: Optional[str] = None,
+    split_points: Optional[Sequence[str]] = None,
+    leaf_modules: Sequence[str] = (),
+    example: Optional[tuple[Sequence[Any], Mapping[str, Any]]] = None,
+) -> Partition:
+    """Replace ``module``'s pipelined module with this stage's part of it (:func:`plan_partition`
+    decides where to split).
+
+    Returns:
+        The :class:`Partition`; :func:`restore_module` puts the whole module back.
+    """
+    plan = plan_partition(module, n_stages, balance, attr, split_points, leaf_modules, example)
+    attr, root, captured, units, counts, split_points, split = (
+        plan.attr, plan.root, plan.captured, plan.units, plan.counts, plan.split_points, plan.split)  # fmt: skip
     program = split.programs[stage]
     named = dict(root.named_parameters())
     shared_params = {n: named[n] for n, stages in split.shared.items() if stage in stages}

@@ -62,6 +62,7 @@ from lightning_asyncpipe.partition import (
     example_call,
     find_pipelined,
     partition_module,
+    plan_partition,
     restore_module,
 )
 from lightning_asyncpipe.tied import SharedParameters
@@ -340,7 +341,8 @@ class AsyncPipeStrategy(ParallelStrategy):
             )
         attr = find_pipelined(module, self.sequential)
         check_parameters_inside(module, attr)
-        if self.balance in MEASURED_BALANCES:
+        balance = self.balance
+        if balance in MEASURED_BALANCES:
             layers = module.get_submodule(attr)
             if not isinstance(layers, nn.Sequential):
                 raise PipelineConfigError(
@@ -349,6 +351,21 @@ class AsyncPipeStrategy(ParallelStrategy):
                     "split_points=[...]."
                 )
             sequential_input(module, layers, self.microbatches)  # an example to profile?
+            balance = "uniform"  # the measured counts come at setup; enough layers?
+        # capture and split as setup will (a forward that cannot be captured, bad split points, too
+        # few blocks): in the main process, before any other starts
+        plan = plan_partition(module, self.n_stages, balance, attr, self.split_points, self.leaf_modules,
+                              example_call(module, attr))  # fmt: skip
+        self._check_shared(plan.split.shared)
+
+    def _check_shared(self, shared: Mapping[str, Sequence[int]]) -> None:
+        if shared and not policy_class(self.policy_name).synchronous:
+            listed = ", ".join(f"{n} (stages {s})" for n, s in shared.items())
+            raise PipelineConfigError(
+                f"{type(self).__name__}(policy={self.policy_name!r}): parameters are shared between stages ({listed}), "
+                "and which version each copy sees is defined for synchronous policies only so far. Use "
+                "policy='gpipe' or 'pipedream_flush', or choose split points that keep the sharing layers on one stage."
+            )
 
     def _check_trainer(self, trainer: Trainer) -> None:
         name = type(self).__name__
@@ -388,13 +405,7 @@ class AsyncPipeStrategy(ParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm  # type: ignore[method-assign]
         self._policy = get_policy(self.policy_name, **self.policy_options)
-        if self._partition.shared and not self._policy.synchronous:
-            shared = ", ".join(f"{n} (stages {s})" for n, s in self._partition.shared.items())
-            raise PipelineConfigError(
-                f"{type(self).__name__}(policy={self.policy_name!r}): parameters are shared between stages ({shared}), "
-                "and which version each copy sees is defined for synchronous policies only so far. Use "
-                "policy='gpipe' or 'pipedream_flush', or choose split points that keep the sharing layers on one stage."
-            )
+        self._check_shared(self._partition.shared)
         self._shared = SharedParameters(self._partition.shared, self._partition.shared_params, self.stage, topo,
                                         self.global_rank)  # fmt: skip
         if not self._policy.synchronous:

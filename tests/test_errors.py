@@ -60,7 +60,7 @@ def test_more_stages_than_layers() -> None:
 
 def test_no_sequential() -> None:
     message = _fit_fails(NoSequential())
-    assert "has none" in message and "'net'" in message
+    assert "they are in the ModuleList 'net', which has no forward of its own" in message
 
 
 def test_several_sequentials() -> None:
@@ -69,7 +69,8 @@ def test_several_sequentials() -> None:
 
 
 def test_named_sequential_must_exist() -> None:
-    assert "not an nn.Sequential" in _fit_fails(SeqRegressor(), sequential="body")
+    assert "SeqRegressor.body is missing. Modules of SeqRegressor that hold parameters: ['net'" in _fit_fails(
+        SeqRegressor(), sequential="body")
 
 
 def test_parameters_outside_the_sequential() -> None:

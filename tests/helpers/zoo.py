@@ -247,3 +247,48 @@ class SkipNet(nn.Module):
         if mask is not None:
             h = h * mask.unsqueeze(-1)
         return self.head(h) * scale, h.mean()
+
+
+# ---------------------------------------------------------------------------------------------- Lightning
+
+import lightning as L  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+
+class GPTModule(L.LightningModule):
+    """A nanoGPT in Lightning, as such projects write it: the GPT in ``self.model``, the loss from
+    the model's own forward, AdamW with weight decay on matrices only (nanoGPT's
+    ``configure_optimizers``)."""
+
+    def __init__(self, n_layer: int = 4, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = GPT(GPTConfig(n_layer=n_layer))
+
+    def forward(self, idx, targets=None):
+        return self.model(idx, targets)
+
+    def training_step(self, batch, batch_idx):
+        idx, targets = batch
+        _, loss = self(idx, targets)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        idx, targets = batch
+        _, loss = self(idx, targets)
+        self.log("val_loss", loss)
+
+    def configure_optimizers(self):
+        params = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
+        decay = [p for p in params.values() if p.dim() >= 2]
+        no_decay = [p for p in params.values() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=(0.9, 0.95))
+
+
+def token_loader(n: int = 48, t: int = 12, batch_size: int = 8, seed: int = 0) -> DataLoader:
+    """Next-token pairs from random sequences over the 32-symbol vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, 32, (n, t + 1), generator=g)
+    return DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=batch_size)
