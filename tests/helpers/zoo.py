@@ -258,12 +258,17 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 class GPTModule(L.LightningModule):
     """A nanoGPT in Lightning, as such projects write it: the GPT in ``self.model``, the loss from
     the model's own forward, AdamW with weight decay on matrices only (nanoGPT's
-    ``configure_optimizers``)."""
+    ``configure_optimizers``).
 
-    def __init__(self, n_layer: int = 4, lr: float = 1e-2) -> None:
+    ``bias=False`` (nanoGPT's option): with biases, the key projection's bias has an exactly zero
+    gradient (softmax ignores a shift of all scores), so its float32 gradient is rounding noise
+    that AdamW scales to full-size steps: two summation orders of the same run diverge there,
+    on one device as well, and no equality test can hold on it."""
+
+    def __init__(self, n_layer: int = 4, lr: float = 1e-2, bias: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = GPT(GPTConfig(n_layer=n_layer))
+        self.model = GPT(GPTConfig(n_layer=n_layer, bias=bias))
 
     def forward(self, idx, targets=None):
         return self.model(idx, targets)
