@@ -1,8 +1,12 @@
-"""Modules written the usual way, pipelined unchanged (issue 14): a nanoGPT-style GPT (a
-``ModuleList`` of blocks inside a ``ModuleDict``, the LM head tied to the token embedding, the
-loss computed in the model's forward from ``targets``) under gpipe and pipedream_flush on 2, 3
-and 4 processes equals a plain one-device Trainer: weights (the tied pair included, one
-parameter) and logged losses, after 6 steps of AdamW with weight decay and gradient clipping.
+"""Modules written the usual way, pipelined unchanged (issue 14), under gpipe and pipedream_flush
+on 2, 3 and 4 processes (one launch per process count trains every case):
+
+- a nanoGPT-style GPT (a ``ModuleList`` of blocks inside a ``ModuleDict``, the LM head tied to the
+  token embedding, the loss computed in the model's forward from ``targets``) equals a plain
+  one-device Trainer: weights (the tied pair one parameter, bitwise) and logged losses, after 6
+  steps of AdamW with weight decay and gradient clipping;
+- a torchvision-style ResNet (BatchNorm, in-place ReLU, downsample skips) equals one device
+  accumulating gradients over the same micro-batches: weights and running statistics.
 """
 
 from __future__ import annotations
@@ -22,19 +26,30 @@ POLICIES = ["gpipe", "pipedream_flush"]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("gpt-reference")
-    result = run_script("fit_zoo.py", out, "gpt", 0, "none", timeout=240)
+def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict, list[float]]]:
+    out = tmp_path_factory.mktemp("references")
+    result = run_script("fit_zoo.py", out, 0, "gpt:none", "resnet:none", timeout=240)
     assert result.returncode == 0, result.output[-5000:]
-    return torch.load(out / "gpt-0-none.pt"), train_losses(json.loads((out / "gpt-0-none.json").read_text()))
+    return {name: (torch.load(out / f"{name}-0-none.pt"), train_losses(json.loads((out / f"{name}-0-none.json").read_text())))
+            for name in ("gpt", "resnet")}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, object]:
+    out = {}
+    for devices in (2, 3, 4):
+        folder = out[devices] = tmp_path_factory.mktemp(f"zoo{devices}")
+        specs = [f"{name}:{policy}" for name in ("gpt", "resnet") for policy in POLICIES]
+        result = run_script("fit_zoo.py", folder, devices, *specs, timeout=400)
+        assert result.returncode == 0, result.output[-5000:]
+    return out
 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("devices", [2, 3, 4])
-def test_gpt_with_tied_head_equals_one_device(tmp_path, reference, devices: int) -> None:
-    result = run_script("fit_zoo.py", tmp_path, "gpt", devices, *POLICIES, timeout=300)
-    assert result.returncode == 0, result.output[-5000:]
-    expected, expected_losses = reference
+def test_gpt_with_tied_head_equals_one_device(runs, references, devices: int) -> None:
+    tmp_path = runs[devices]
+    expected, expected_losses = references["gpt"]
     for policy in POLICIES:
         weights = torch.load(tmp_path / f"gpt-{devices}-{policy}.pt")
         assert weights.keys() == expected.keys()
@@ -56,3 +71,22 @@ def _initial() -> dict[str, torch.Tensor]:
 
     L.seed_everything(3)
     return GPTModule().state_dict()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("devices", [2, 3, 4])
+def test_resnet_with_batchnorm_equals_one_device_accumulating_micro_batches(runs, references, devices: int) -> None:
+    """BatchNorm per micro-batch (as GPipe without torchgpipe's DeferredBatchNorm): each
+    micro-batch is normalised by its own statistics and updates the running statistics once;
+    exactly what one device does accumulating gradients over the same micro-batches."""
+    tmp_path = runs[devices]
+    expected = references["resnet"][0]
+    for policy in POLICIES:
+        state = torch.load(tmp_path / f"resnet-{devices}-{policy}.pt")
+        assert state.keys() == expected.keys()
+        atol = training_atol(expected, steps=6)
+        for name, value in expected.items():
+            if name.endswith("num_batches_tracked"):
+                assert int(state[name]) == int(value) == 24, name  # 6 steps x 4 micro-batches
+            else:  # weights and running statistics
+                torch.testing.assert_close(state[name], value, atol=atol, rtol=0, msg=f"{devices} {policy}: {name}")

@@ -297,3 +297,32 @@ def token_loader(n: int = 48, t: int = 12, batch_size: int = 8, seed: int = 0) -
     g = torch.Generator().manual_seed(seed)
     data = torch.randint(0, 32, (n, t + 1), generator=g)
     return DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=batch_size)
+
+
+class ResNetModule(L.LightningModule):
+    """A torchvision-style classifier in Lightning: the network in ``self.model``, cross-entropy,
+    SGD with momentum and weight decay."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = ResNet()
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9, weight_decay=5e-4)
+
+
+def image_loader(n: int = 48, batch_size: int = 8, seed: int = 0) -> DataLoader:
+    """Random 3x8x8 images in 10 classes."""
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)),
+                      batch_size=batch_size)  # fmt: skip

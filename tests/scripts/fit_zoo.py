@@ -1,7 +1,10 @@
 """Train a zoo model (tests/helpers/zoo.py) with AsyncPipeStrategy and save, on rank 0, the final
-weights and the logged metrics; with DEVICES=0 a plain one-device Trainer (the reference).
+weights and the logged metrics; with DEVICES=0 a plain one-device Trainer (the reference). For
+the ResNet the reference accumulates gradients over the 4 micro-batches of each batch
+(``accumulate_grad_batches=4`` on batches of 2): BatchNorm normalises each micro-batch by its own
+statistics and updates its running statistics once per micro-batch, in the pipeline as there.
 
-Usage: python fit_zoo.py OUT_DIR MODEL DEVICES POLICY [POLICY ...]
+Usage: python fit_zoo.py OUT_DIR DEVICES MODEL:POLICY [MODEL:POLICY ...]
 """
 
 import os
@@ -14,10 +17,11 @@ import torch  # noqa: E402
 
 from lightning_asyncpipe import AsyncPipeStrategy  # noqa: E402
 from tests.helpers.models import MemoryLogger  # noqa: E402
-from tests.helpers.zoo import GPTModule, token_loader  # noqa: E402
+from tests.helpers.zoo import GPTModule, ResNetModule, image_loader, token_loader  # noqa: E402
 
 torch.set_num_threads(1)
-MODELS = {"gpt": (GPTModule, token_loader)}
+MODELS = {"gpt": (GPTModule, token_loader), "resnet": (ResNetModule, image_loader)}
+MICROBATCHES = 4
 
 
 def fit(out: str, name: str, devices: int, policy: str) -> None:
@@ -25,13 +29,18 @@ def fit(out: str, name: str, devices: int, policy: str) -> None:
     L.seed_everything(3)
     model = module_class()
     logger = MemoryLogger()
-    strategy = {} if devices == 0 else {"strategy": AsyncPipeStrategy(policy=policy, microbatches=4)}
+    loader = data()
+    if devices == 0:
+        options: dict = {"accumulate_grad_batches": MICROBATCHES} if name == "resnet" else {}
+        loader = data(batch_size=8 // MICROBATCHES) if name == "resnet" else loader
+    else:
+        options = {"strategy": AsyncPipeStrategy(policy=policy, microbatches=MICROBATCHES)}
     trainer = L.Trainer(
         accelerator="cpu", devices=max(devices, 1), max_steps=6, logger=logger, log_every_n_steps=1,
         gradient_clip_val=0.5, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, **strategy,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, **options,
     )  # fmt: skip
-    trainer.fit(model, data())
+    trainer.fit(model, loader)
     if trainer.global_rank == 0:
         tag = f"{name}-{devices}-{policy}"
         torch.save(model.state_dict(), os.path.join(out, f"{tag}.pt"))
@@ -39,8 +48,9 @@ def fit(out: str, name: str, devices: int, policy: str) -> None:
 
 
 def main() -> None:
-    out, name, devices = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    for policy in sys.argv[4:]:
+    out, devices = sys.argv[1], int(sys.argv[2])
+    for spec in sys.argv[3:]:
+        name, policy = spec.split(":")
         fit(out, name, devices, policy)
 
 
