@@ -42,7 +42,7 @@ from torch.utils import _pytree as pytree
 
 from lightning_asyncpipe.capture import Captured, call_signature, capture
 from lightning_asyncpipe.errors import AsyncPipeError, BalanceError, PipelineConfigError
-from lightning_asyncpipe.split import StageProgram, called_modules, meta_values, split_graph
+from lightning_asyncpipe.split import StageProgram, called_modules, install, meta_values, resolve, split_graph
 
 __all__ = [
     "Balance",
@@ -533,39 +533,26 @@ def partition_module(
 
 
 def _tensors(root: nn.Module, name: str) -> list[Tensor]:
-    owner, _, leaf = name.rpartition(".")
-    value = getattr(root.get_submodule(owner) if owner else root, leaf)
+    value = resolve(root, name)
     if isinstance(value, nn.Module):
         return [*value.parameters(), *value.buffers()]
     return [value] if isinstance(value, Tensor) else []
 
 
 def _install(local: StageModule, root: nn.Module, names: Sequence[str], stage: int) -> None:
-    """Put ``root``'s ``names`` (modules, parameters, buffers) into ``local`` under the same names."""
-    for name in names:
-        *path, leaf = name.split(".")
-        source: nn.Module = root
-        parent: nn.Module = local
-        for part in path:
-            source = getattr(source, part)
-            if part not in parent._modules:
-                parent.add_module(part, nn.Module())
-            parent = parent._modules[part]  # type: ignore[assignment]
-        value = getattr(source, leaf)
-        if isinstance(value, Tensor) and value.is_meta or isinstance(value, nn.Module) and any(
-                t.is_meta for t in [*value.parameters(), *value.buffers()]):  # fmt: skip
+    """Put ``root``'s ``names`` into ``local`` under the same names; refuse what this stage does
+    not hold (its tensors are on ``meta``)."""
+
+    def held(name: str, value: Any) -> None:
+        tensors = [*value.parameters(), *value.buffers()] if isinstance(value, nn.Module) else [value]
+        if any(isinstance(t, Tensor) and t.is_meta for t in tensors):
             raise PipelineConfigError(
                 f"forward, called with these arguments, runs '{name}' on stage {stage}, which holds no copy of it: the "
                 "partition was chosen from another call of forward. Set `self.example_input_array` in the "
                 "LightningModule to a typical batch (its call of the pipelined module then decides the partition)."
             )
-        if isinstance(value, nn.Module):
-            if leaf not in parent._modules:
-                parent.add_module(leaf, value)
-        elif isinstance(value, nn.Parameter):
-            parent.register_parameter(leaf, value)
-        elif isinstance(value, Tensor):
-            parent.register_buffer(leaf, value, persistent=leaf not in source._non_persistent_buffers_set)
+
+    install(local, root, names, held)
 
 
 def _release(root: nn.Module, keep: set[int]) -> None:

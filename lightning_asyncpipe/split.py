@@ -41,7 +41,8 @@ from torch.nn.utils import stateless
 from lightning_asyncpipe.capture import Captured
 from lightning_asyncpipe.errors import PipelineConfigError
 
-__all__ = ["StageProgram", "Split", "split_graph", "called_modules", "stage_module", "meta_values"]
+__all__ = ["StageProgram", "Split", "split_graph", "called_modules", "stage_module", "install", "resolve",
+           "meta_values"]
 
 
 @dataclass
@@ -256,7 +257,7 @@ def _shared_parameters(module: nn.Module, programs: Sequence[StageProgram]) -> d
     stages_of: dict[int, set[int]] = {}
     for program in programs:
         for name in program.attributes:
-            target = _resolve(module, name)
+            target = resolve(module, name)
             params = target.parameters() if isinstance(target, nn.Module) else [target]
             for p in params:
                 if isinstance(p, nn.Parameter):
@@ -264,16 +265,17 @@ def _shared_parameters(module: nn.Module, programs: Sequence[StageProgram]) -> d
     return {first_name[i]: sorted(s) for i, s in stages_of.items() if len(s) > 1 and i in first_name}
 
 
-def _resolve(module: nn.Module, qualname: str) -> Any:
+def resolve(module: nn.Module, qualname: str) -> Any:
+    """``module``'s attribute (submodule, parameter, buffer) by dotted name."""
     owner, _, attr = qualname.rpartition(".")
     return getattr(module.get_submodule(owner) if owner else module, attr)
 
 
-def stage_module(module: nn.Module, attributes: Sequence[str]) -> nn.Module:
-    """A module holding ``module``'s ``attributes`` (submodules, parameters, buffers) under their
-    own names: the same objects, so its ``state_dict`` keys are the user's and training it trains
-    them."""
-    holder = nn.Module()
+def install(holder: nn.Module, module: nn.Module, attributes: Sequence[str],
+            check: Optional[Callable[[str, Any], None]] = None) -> nn.Module:  # fmt: skip
+    """Put ``module``'s ``attributes`` (submodules, parameters, buffers) into ``holder`` under the
+    same names: the same objects, so ``holder``'s ``state_dict`` keys are the user's and training
+    it trains them. ``check(name, value)`` may refuse one."""
     for name in attributes:
         parent = holder
         *path, attr = name.split(".")
@@ -284,8 +286,11 @@ def stage_module(module: nn.Module, attributes: Sequence[str]) -> nn.Module:
                 parent.add_module(part, nn.Module())
             parent = parent._modules[part]  # type: ignore[assignment]
         value = getattr(source, attr)
+        if check is not None:
+            check(name, value)
         if isinstance(value, nn.Module):
-            parent.add_module(attr, value)
+            if attr not in parent._modules:
+                parent.add_module(attr, value)
         elif isinstance(value, nn.Parameter):
             parent.register_parameter(attr, value)
         elif isinstance(value, Tensor):
@@ -293,3 +298,8 @@ def stage_module(module: nn.Module, attributes: Sequence[str]) -> nn.Module:
         else:
             setattr(parent, attr, value)
     return holder
+
+
+def stage_module(module: nn.Module, attributes: Sequence[str]) -> nn.Module:
+    """A plain module holding ``module``'s ``attributes`` (see :func:`install`)."""
+    return install(nn.Module(), module, attributes)
