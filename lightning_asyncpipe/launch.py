@@ -65,12 +65,15 @@ class _ValidatingMixin:
     strategy: "AsyncPipeStrategy"
 
     def launch(self, function: Callable, *args: Any, trainer: Optional[Trainer] = None, **kwargs: Any) -> Any:
+        self._validate(args)
+        return super().launch(function, *args, trainer=trainer, **kwargs)  # type: ignore[misc]
+
+    def _validate(self, args: tuple[Any, ...]) -> None:
         if args and isinstance(args[0], LightningModule):
             self.strategy._check_module(args[0])
         for arg in args:  # fit/validate/test/predict's ckpt_path: a damaged file fails here, before any launch
             if isinstance(arg, str) and arg not in ("last", "best", "hpc") and not arg.startswith("registry"):
                 check_readable(arg)
-        return super().launch(function, *args, trainer=trainer, **kwargs)  # type: ignore[misc]
 
 
 class ScriptLauncher(_ValidatingMixin, _SubprocessScriptLauncher):
@@ -79,8 +82,9 @@ class ScriptLauncher(_ValidatingMixin, _SubprocessScriptLauncher):
     watch: Optional[ChildWatch] = None
 
     def launch(self, function: Callable, *args: Any, trainer: Optional[Trainer] = None, **kwargs: Any) -> Any:
+        self._validate(args)
         try:
-            return super().launch(function, *args, trainer=trainer, **kwargs)
+            return self._launch(function, *args, **kwargs)
         except StopRequested:
             self._wait_for_children(timeout=30.0)  # they stop at the same step; kill only stragglers
             self.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
@@ -93,6 +97,20 @@ class ScriptLauncher(_ValidatingMixin, _SubprocessScriptLauncher):
         finally:
             if self.watch is not None:
                 self.watch.stop()
+
+    def _launch(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's launch without its child-process observer: that thread SIGKILLs the main
+        process as soon as a child exits non-zero, also when every stage is stopping on purpose
+        (a stop signal: the child may exit with 143 a moment before the main process does). The
+        :class:`~lightning_asyncpipe.watchdog.ChildWatch` started with the children takes its
+        place, with a grace period and a message naming the stage."""
+        from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
+
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            self._call_children_scripts()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)
 
     def _wait_for_children(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -19,6 +19,7 @@ import torch
 from tests.helpers.launch import run_script
 from tests.helpers.reference import train_losses
 from tests.helpers.tolerance import loss_atol, training_atol
+from tests.helpers.zoo import GPTModule
 
 pytestmark = pytest.mark.slow  # this file takes 40 s or more on 2 cores
 
@@ -58,6 +59,12 @@ def test_gpt_with_tied_head_equals_one_device(runs, references, devices: int) ->
         atol = training_atol(expected, steps=6)  # micro-batches reorder float32 sums: tolerance.py
         for name, value in expected.items():
             torch.testing.assert_close(weights[name], value, atol=atol, rtol=0, msg=f"{devices} {policy}: {name}")
+        # the checkpoint written during fit from the stages holds the user's names, the tied
+        # pair included, and loads into a plain single-process module
+        plain = GPTModule.load_from_checkpoint(tmp_path / f"gpt-{devices}-{policy}" / "last.ckpt")
+        assert plain.model.lm_head.weight is plain.model.transformer.wte.weight  # still tied
+        for name, value in plain.state_dict().items():
+            assert torch.equal(value, weights[name]), name
         losses = train_losses(json.loads((tmp_path / f"gpt-{devices}-{policy}.json").read_text()))
         assert len(losses) == 6 and losses == pytest.approx(expected_losses, abs=loss_atol(expected_losses, 6)), policy
     start = _initial()
@@ -66,8 +73,6 @@ def test_gpt_with_tied_head_equals_one_device(runs, references, devices: int) ->
 
 def _initial() -> dict[str, torch.Tensor]:
     import lightning as L
-
-    from tests.helpers.zoo import GPTModule
 
     L.seed_everything(3)
     return GPTModule().state_dict()

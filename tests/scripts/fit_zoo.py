@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from lightning_asyncpipe import AsyncPipeStrategy  # noqa: E402
 from tests.helpers.models import MemoryLogger  # noqa: E402
@@ -33,11 +34,13 @@ def fit(out: str, name: str, devices: int, policy: str) -> None:
     if devices == 0:
         options: dict = {"accumulate_grad_batches": MICROBATCHES} if name == "resnet" else {}
         loader = data(batch_size=8 // MICROBATCHES) if name == "resnet" else loader
-    else:
-        options = {"strategy": AsyncPipeStrategy(policy=policy, microbatches=MICROBATCHES)}
+    else:  # and a consolidated checkpoint at the end of fit, written from the stages
+        options = {"strategy": AsyncPipeStrategy(policy=policy, microbatches=MICROBATCHES),
+                   "callbacks": [ModelCheckpoint(os.path.join(out, f"{name}-{devices}-{policy}"), save_last=True,
+                                                 save_top_k=0)]}  # fmt: skip
     trainer = L.Trainer(
         accelerator="cpu", devices=max(devices, 1), max_steps=6, logger=logger, log_every_n_steps=1,
-        gradient_clip_val=0.5, enable_checkpointing=False, enable_progress_bar=False,
+        gradient_clip_val=0.5, enable_checkpointing=devices > 0, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, **options,
     )  # fmt: skip
     trainer.fit(model, loader)
