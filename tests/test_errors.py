@@ -73,6 +73,36 @@ def test_named_sequential_must_exist() -> None:
         SeqRegressor(), sequential="body")
 
 
+class _Gate(nn.Module):
+    """Skips its layer for batches whose mean is negative: Python control flow on data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() < 0:
+            return x
+        return self.layer(x)
+
+
+def test_data_dependent_forward_fails_before_launch_naming_the_line() -> None:
+    model = SeqRegressor()
+    model.net.insert(2, _Gate())
+    message = _fit_fails(model)  # raised in this process; no other was started
+    assert "Cannot capture forward: a branch on a tensor at " in message and "test_errors.py:" in message
+    assert "`if x.mean() < 0:`" in message and "leaf_modules" in message
+    # the way out the message gives works: run the gate whole
+    AsyncPipeStrategy(leaf_modules=["2"], stages=2)._check_module(model)
+
+
+def test_split_points_name_modules_forward_runs() -> None:
+    message = _fit_fails(SeqRegressor(), split_points=["9"])
+    assert "split point '9' is not a module that Sequential.forward runs" in message and "'0', '1', '2'" in message
+    message = _fit_fails(SeqRegressor(), split_points=["2", "4"])
+    assert "gives 3 stages, but the pipeline has 2" in message
+
+
 def test_parameters_outside_the_sequential() -> None:
     model = SeqRegressor()
     model.scale = nn.Parameter(torch.ones(()))
