@@ -25,8 +25,10 @@ class StrategyConfig:
     policy: str = "pipedream_2bw"
     microbatches: int = 4  # chunks per batch
     stages: Optional[int] = None  # default: every device is a stage
-    balance: Any = "uniform"  # "uniform" | "parameters" | [layers per stage]
-    sequential: Optional[str] = None  # attribute of the pipelined nn.Sequential
+    balance: Any = "uniform"  # "uniform" | "parameters" | [blocks per stage]
+    sequential: Optional[str] = None  # dotted path of the pipelined submodule (default: found)
+    split_points: Optional[list[str]] = None  # first module of each stage after the first
+    leaf_modules: list[str] = field(default_factory=list)  # run whole, not traced through
     policy_options: dict[str, Any] = field(default_factory=dict)
     start_method: str = "popen"
     pipeline_metrics: bool = True
