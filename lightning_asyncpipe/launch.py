@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
@@ -27,10 +27,17 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _basic_subp
 
 from lightning_asyncpipe.checkpoint_io import check_readable
 from lightning_asyncpipe.signals import StopRequested
+from lightning_asyncpipe.topology import Topology
 from lightning_asyncpipe.watchdog import PARENT_PID_ENV, ChildWatch
 
-if TYPE_CHECKING:
-    from lightning_asyncpipe.strategy import AsyncPipeStrategy
+
+class LaunchedStrategy(Protocol):
+    """What the launchers need of the strategy (no import of it: the strategy imports them)."""
+
+    @property
+    def topology(self) -> Topology: ...
+
+    def _check_module(self, module: LightningModule) -> None: ...
 
 __all__ = ["ScriptLauncher", "SpawnLauncher", "hydra_job_command", "reset_after_hydra_job"]
 
@@ -62,7 +69,7 @@ def hydra_job_command(local_rank: int) -> tuple[list[str], str]:
 
 
 class _ValidatingMixin:
-    strategy: "AsyncPipeStrategy"
+    strategy: LaunchedStrategy
 
     def launch(self, function: Callable, *args: Any, trainer: Optional[Trainer] = None, **kwargs: Any) -> Any:
         self._validate(args)
