@@ -31,6 +31,11 @@ from lightning_asyncpipe.topology import Topology
 from lightning_asyncpipe.watchdog import PARENT_PID_ENV, ChildWatch
 
 
+__all__ = ["ScriptLauncher", "SpawnLauncher", "hydra_job_command", "reset_after_hydra_job"]
+
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
 class LaunchedStrategy(Protocol):
     """What the launchers need of the strategy (no import of it: the strategy imports them)."""
 
@@ -38,10 +43,6 @@ class LaunchedStrategy(Protocol):
     def topology(self) -> Topology: ...
 
     def _check_module(self, module: LightningModule) -> None: ...
-
-__all__ = ["ScriptLauncher", "SpawnLauncher", "hydra_job_command", "reset_after_hydra_job"]
-
-_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
 def _hydra_config() -> Any:
