@@ -6,7 +6,6 @@ Usage: python engine_vs_reference.py OUT_DIR N_STAGES
 
 import dataclasses
 import os
-import socket
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -21,9 +20,9 @@ from lightning_asyncpipe.topology import Topology  # noqa: E402
 from tests.helpers import engine_cases as C  # noqa: E402
 
 
-def worker(rank: int, world: int, port: int, out: str) -> None:
+def worker(rank: int, world: int, rendezvous: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     groups = PipelineGroups(Topology(world, world), rank)
     data = C.batches()
     for i, case in enumerate(C.cases(world)):
@@ -42,7 +41,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
 
 if __name__ == "__main__":
     out, world = sys.argv[1], int(sys.argv[2])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(worker, args=(world, port, out), nprocs=world, start_method="spawn")
+    # a file rendezvous, not a TCP port: a free port picked here can be taken (e.g. as another
+    # job's ephemeral port) before rank 0 binds it, as seen once with two pytest workers
+    rendezvous = f"file://{os.path.abspath(out)}/rendezvous-{os.getpid()}"
+    mp.start_processes(worker, args=(world, rendezvous, out), nprocs=world, start_method="spawn")
