@@ -173,8 +173,8 @@ class Partition:
         found = self._programs.get(key)
         if found is None:
             captured = capture(self.original, args, dict(kwargs), self.leaf_modules)
-            tensors = [t for t in pytree.tree_leaves((tuple(args), dict(kwargs))) if isinstance(t, Tensor)]
-            found = split_graph(captured, self.split_points, meta_values(captured, tensors)).programs[self.stage]
+            values = meta_values(captured, self.inputs(args, kwargs))
+            found = split_graph(captured, self.split_points, values).programs[self.stage]
             _install(self.local, self.original, found.attributes, self.stage)
             self._programs[key] = found
         return found
