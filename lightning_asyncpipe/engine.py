@@ -30,7 +30,6 @@ from torch.optim import Optimizer
 from lightning_asyncpipe.comm import PipelineGroups, TorchP2PTransport
 from lightning_asyncpipe.executor import PipelineExecutor
 from lightning_asyncpipe.microbatch import microbatch_weights, signature, split
-from lightning_asyncpipe.errors import PipelineConfigError
 from lightning_asyncpipe.partition import Balance, Partition, partition_module
 from lightning_asyncpipe.split import StageProgram
 from lightning_asyncpipe.pipeline import StagePipeline
@@ -118,15 +117,14 @@ class PipelineEngine:
         self.model = holder
         self.partition = partition_module(holder, n_stages, self.stage, balance)
         holder.to(self.device)
+        # before the optimizer: a stage that does not own a shared parameter holds a mirror of it
+        self.shared = SharedParameters(self.partition.shared, self.partition.local, self.partition.shared_params,
+                                       self.stage, self.topology, rank)  # fmt: skip
         self.optimizer = optimizer(self.partition.local.parameters())
         self.scheduler = lr_scheduler(self.optimizer) if lr_scheduler is not None else None
         self.policy = get_policy(policy, **(policy_options or {})) if isinstance(policy, str) else policy
-        if self.partition.shared and not self.policy.synchronous:
-            raise PipelineConfigError(f"policy {self.policy.name!r} does not support parameters shared between stages "
-                                      f"({self.partition.shared}); use gpipe or pipedream_flush.")  # fmt: skip
-        self.shared = SharedParameters(self.partition.shared, self.partition.shared_params, self.stage, self.topology,
-                                       rank)  # fmt: skip
         self.policy.bind(self.stage, n_stages, microbatches, self.partition.local, self.optimizer)
+        self.shared.bind(self.policy, microbatches)
         self.clip_grad_norm, self.loss_fn, self.microbatches = clip_grad_norm, loss_fn, microbatches
         t = self.topology
         transport = TorchP2PTransport(
@@ -136,6 +134,8 @@ class PipelineEngine:
             self.device,
         )
         self.executor = PipelineExecutor(self.partition.local, self.stage, n_stages, transport, self.policy, self._apply)
+        if self.shared:
+            self.executor.select_shared = self.shared.select
         self.pipeline = StagePipeline(self.executor, microbatches, self.optimizer)
         self.last_timings: list[Any] = []
 
@@ -144,17 +144,16 @@ class PipelineEngine:
         return self.stage == self.topology.n_stages - 1
 
     def _apply(self, batch: int, step_fn: Optional[StepFn] = None) -> None:
+        if self.shared:
+            self.shared.before_update(batch)  # the owner of a shared parameter gets the holders' gradients
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.topology.n_replicas > 1:
             for p in params:
                 if p.grad is not None:
                     dist.all_reduce(p.grad, group=self.groups.stage)
                     p.grad /= self.topology.n_replicas
-        if self.shared:
-            self.shared.sum_gradients()
         if self.clip_grad_norm is not None:
-            squared = sum((p.grad.detach().float().pow(2).sum() for p in params
-                           if p.grad is not None and self.shared.counts_in_norm(p)),
+            squared = sum((p.grad.detach().float().pow(2).sum() for p in params if p.grad is not None),
                           torch.zeros((), device=self.device))  # fmt: skip
             if self.policy.synchronous and self.topology.n_stages > 1:
                 dist.all_reduce(squared, group=self.groups.pipeline)
@@ -169,6 +168,8 @@ class PipelineEngine:
         for g in self.optimizer.param_groups:
             for p in g["params"]:
                 p.grad = None
+        if self.shared:
+            self.shared.after_update()
 
     def train_step(self, inputs: Any, targets: Any, drain: bool = False) -> Optional[float]:
         """Run one batch; returns its mean loss on the last stage (``None`` elsewhere).
@@ -180,7 +181,7 @@ class PipelineEngine:
                        self.partition)  # fmt: skip
         self.pipeline.train_step(batch)
         if drain:
-            self.pipeline.drain()
+            self.drain()
         self.last_timings = self.executor.pop_timings()  # bounded: only the last step's
         if self.scheduler is not None:
             self.scheduler.step()
@@ -189,6 +190,8 @@ class PipelineEngine:
     def drain(self) -> None:
         """Complete every micro-batch in flight and apply its update."""
         self.pipeline.drain()
+        if self.shared:
+            self.shared.settle()
 
     @torch.no_grad()
     def predict(self, inputs: Any) -> Optional[Any]:

@@ -22,7 +22,7 @@ or collective between two steps cannot deadlock.
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
@@ -129,6 +129,9 @@ class PipelineExecutor:
         self.activation_bytes = 0
         self.peak_activation_bytes = 0
         self.wgrad = DeferredWeightGrad(module) if defer_weight_grad else None
+        self.select_shared: Optional[Callable[[int, bool], None]] = None
+        """Called before each pass of a micro-batch, ``(microbatch, training)``: puts the owner's
+        version of parameters another stage owns into place (:mod:`lightning_asyncpipe.tied`)."""
 
     def close(self) -> None:
         """Give the stage's layers back unmodified (the deferred-gradient forwards are removed)."""
@@ -166,6 +169,8 @@ class PipelineExecutor:
     def _forward(self, j: int, hooks: StepHooks, train: bool) -> None:
         inputs = hooks.stage_inputs(j) if self.is_first else self._act_recv.pop(j).wait()
         program = getattr(hooks, "stage_program", _no_program)(j)
+        if self.select_shared is not None:
+            self.select_shared(j, train)
         if train:
             self._programs[j] = program  # a recomputation in the backward runs the same program
         with computing(self.module, program):
@@ -211,6 +216,8 @@ class PipelineExecutor:
         else:
             grads = self._grad_recv.pop(j).wait()
             if self.policy.recomputes(j):
+                if self.select_shared is not None:
+                    self.select_shared(j, True)
                 with computing(self.module, self._programs.get(j)):
                     outputs = as_tensors(self.policy.recompute(self.module, inputs, j), self.stage)
             pairs = [(t, g) for t, g in zip([t for t, f in zip(outputs, flags) if f], grads) if t.requires_grad]

@@ -157,6 +157,8 @@ class Partition:
     leaf_modules: tuple[str, ...] = ()
     shared_params: dict[str, nn.Parameter] = field(default_factory=dict, repr=False)
     """This stage's copies of :attr:`shared` parameters."""
+    aliases: list[list[str]] = field(default_factory=list, repr=False)
+    """Names in ``original`` that are one parameter object (a tie), to restore as one."""
     programs_by_step: dict[Any, StageProgram] = field(default_factory=dict, repr=False)
     """Programs by (step method, batch structure), for the stages that do not capture each call."""
     _programs: dict[Any, StageProgram] = field(default_factory=dict, repr=False)
@@ -516,6 +518,9 @@ def partition_module(
     program = split.programs[stage]
     named = dict(root.named_parameters())
     shared_params = {n: named[n] for n, stages in split.shared.items() if stage in stages}
+    names_of: dict[int, list[str]] = {}
+    for n, p in root.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(n)
     local = StageModule(stage, n_stages, attr, root)
     local.train(root.training)
     held = list(program.attributes)
@@ -529,6 +534,7 @@ def partition_module(
     part = Partition(attr, counts, stage, root, local, units, list(split_points), split.shared, tuple(leaf_modules),
                      shared_params)  # fmt: skip
     part._programs[captured.signature] = program
+    part.aliases = [names for names in names_of.values() if len(names) > 1]
     return part
 
 
@@ -585,5 +591,10 @@ def restore_module(module: nn.Module, part: Partition, full_state: Mapping[str, 
                 m._buffers[name] = torch.empty_like(b, device=device)
     part.original.train(part.local.training)
     _set_submodule(module, part.attr, part.original)
+    for names in part.aliases:  # a policy may have given one of the names a new parameter object
+        param = part.original.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, leaf = name.rpartition(".")
+            part.original.get_submodule(owner)._parameters[leaf] = param
     prefix = part.attr + "."
     part.original.load_state_dict({k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)})

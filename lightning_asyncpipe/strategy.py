@@ -354,18 +354,8 @@ class AsyncPipeStrategy(ParallelStrategy):
             balance = "uniform"  # the measured counts come at setup; enough layers?
         # capture and split as setup will (a forward that cannot be captured, bad split points, too
         # few blocks): in the main process, before any other starts
-        plan = plan_partition(module, self.n_stages, balance, attr, self.split_points, self.leaf_modules,
-                              example_call(module, attr))  # fmt: skip
-        self._check_shared(plan.split.shared)
-
-    def _check_shared(self, shared: Mapping[str, Sequence[int]]) -> None:
-        if shared and not policy_class(self.policy_name).synchronous:
-            listed = ", ".join(f"{n} (stages {s})" for n, s in shared.items())
-            raise PipelineConfigError(
-                f"{type(self).__name__}(policy={self.policy_name!r}): parameters are shared between stages ({listed}), "
-                "and which version each copy sees is defined for synchronous policies only so far. Use "
-                "policy='gpipe' or 'pipedream_flush', or choose split points that keep the sharing layers on one stage."
-            )
+        plan_partition(module, self.n_stages, balance, attr, self.split_points, self.leaf_modules,
+                       example_call(module, attr))  # fmt: skip
 
     def _check_trainer(self, trainer: Trainer) -> None:
         name = type(self).__name__
@@ -396,6 +386,10 @@ class AsyncPipeStrategy(ParallelStrategy):
                                            self.leaf_modules, example_call(module, attr))  # fmt: skip
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
+        # before the user's configure_optimizers: a stage that does not own a shared parameter
+        # holds a mirror of it, not a parameter
+        self._shared = SharedParameters(self._partition.shared, self._partition.local, self._partition.shared_params,
+                                        self.stage, topo, self.global_rank)  # fmt: skip
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
@@ -405,15 +399,13 @@ class AsyncPipeStrategy(ParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm  # type: ignore[method-assign]
         self._policy = get_policy(self.policy_name, **self.policy_options)
-        self._check_shared(self._partition.shared)
-        self._shared = SharedParameters(self._partition.shared, self._partition.shared_params, self.stage, topo,
-                                        self.global_rank)  # fmt: skip
         if not self._policy.synchronous:
             # by design the first update of an asynchronous stage comes after the scheduler's first step
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
         stage, replica = self.stage, self.replica
         self._policy.bind(stage, topo.n_stages, self.microbatches, self._partition.local,
                           self.optimizers[0] if self.optimizers else None)  # fmt: skip
+        self._shared.bind(self._policy, self.microbatches)
         transport = TorchP2PTransport(
             prev_rank=topo.rank_of(stage - 1, replica) if stage > 0 else None,
             next_rank=topo.rank_of(stage + 1, replica) if stage < topo.n_stages - 1 else None,
@@ -427,6 +419,8 @@ class AsyncPipeStrategy(ParallelStrategy):
             defer_weight_grad=self.defer_weight_grad,
         )
         self._executor.check_finite = self.detect_anomaly
+        if self._shared:
+            self._executor.select_shared = self._shared.select
         self._pipeline = StagePipeline(self._executor, self.microbatches, self.optimizers[0] if self.optimizers else None)
         if trainer.state.fn == TrainerFn.FITTING:
             # checkpoints hold this one's state, also when saved after fit and a later validate/test
@@ -636,6 +630,8 @@ class AsyncPipeStrategy(ParallelStrategy):
         """Complete the micro-batches in flight and apply their updates (all stages call it together)."""
         if self._pipeline is not None and self._executor is not None:
             self._pipeline.drain()  # backwards and updates only: no user code runs
+            if self._shared:
+                self._shared.settle()
         if self._handoff is not None:
             self._pending_payloads += self._handoff.flush()
 
@@ -682,6 +678,8 @@ class AsyncPipeStrategy(ParallelStrategy):
         """One optimizer update of this stage's live weights (called by the policy at a ``U`` action)."""
         assert self.lightning_module is not None
         optimizer = self.optimizers[0]
+        if self._shared:
+            self._shared.before_update(batch)  # the owner of a shared parameter gets the holders' gradients
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.topology.n_replicas > 1:
             grads = [p.grad for p in params if p.grad is not None]
@@ -691,8 +689,6 @@ class AsyncPipeStrategy(ParallelStrategy):
                 flat /= self.topology.n_replicas
                 for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                     g.copy_(synced)
-        if self._shared:
-            self._shared.sum_gradients()  # the copies of a shared parameter take the same update
         # on_before_optimizer_step hooks and gradient clipping, as Lightning runs them after a closure
         self.precision_plugin._after_closure(self.lightning_module, optimizer)
         if step_fn is None:
@@ -702,6 +698,8 @@ class AsyncPipeStrategy(ParallelStrategy):
         for group in optimizer.param_groups:  # the policy may have swapped parameters in
             for p in group["params"]:
                 p.grad = None
+        if self._shared:
+            self._shared.after_update()  # the owner sends the new weights to the other holders
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
         """Clip by the norm over *all* stages for synchronous policies (exactly what one device does),
@@ -711,9 +709,8 @@ class AsyncPipeStrategy(ParallelStrategy):
         grads = [p.grad for p in params]
         device = grads[0].device if grads else self.root_device
         squared = torch.zeros((), dtype=torch.float32, device=device)
-        for p in params:  # a parameter several stages hold counts once
-            if self._shared is None or self._shared.counts_in_norm(p):
-                squared += p.grad.detach().float().pow(2).sum()
+        for p in params:  # a shared parameter is its owner's only
+            squared += p.grad.detach().float().pow(2).sum()
         if self._policy.synchronous and self.topology.n_stages > 1:
             dist.all_reduce(squared, group=self._groups.pipeline if self._groups else None)
         coef = torch.clamp(float(clip_val) / (squared.sqrt() + 1e-6), max=1.0)
@@ -873,6 +870,8 @@ class AsyncPipeStrategy(ParallelStrategy):
                 f"policy={saved['policy']!r}, or load only the weights (Model.load_from_checkpoint) and fit afresh."
             )
         self._pipeline.load_state_dict(saved)
+        if self._shared:
+            self._shared.restart()
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
@@ -903,6 +902,8 @@ class AsyncPipeStrategy(ParallelStrategy):
             if not self._failed and _distributed_is_initialized():
                 if self._executor is not None:
                     self._executor.transport.wait_sends()
+                if self._shared is not None:
+                    self._shared.close()  # the parameter back in every holder's module
                 parts = self._gather_stages(module.state_dict())
                 restore_module(module, self._partition, {k: v for part in parts for k, v in part.items()})
             self._partition = None

@@ -1,63 +1,231 @@
-"""Parameters that several stages hold: one logical parameter in several copies.
+"""Parameters that several stages use: one logical parameter, owned by the first stage that uses it.
 
 A GPT's head tied to its token embedding is used by the first stage (the embedding) and by the
-last (the head); each of them holds a copy (:attr:`~lightning_asyncpipe.partition.Partition.shared`).
-For synchronous policies the copies stay one parameter: before each update the holders'
-gradients are summed (an all-reduce over the holders, per replica), so every holder applies the
-same update to the same weights and the copies stay bitwise equal; gradient clipping counts the
-parameter once (on its first holder). Which version each holder's passes would see under an
-asynchronous policy is not defined yet, so those refuse shared parameters at setup.
+last (the head) (:attr:`~lightning_asyncpipe.partition.Partition.shared`). It stays one parameter:
+
+- The **owner**, the first stage that uses it, holds it as a parameter: its optimizer, its policy
+  (versions, stashing, learning-rate factors, clipping) treat it like any other of its weights.
+- Every **other holder** keeps a read-only *mirror*: the parameter is taken out of its module's
+  parameters (so its optimizer and policy never see it) and a buffer of the same name holds the
+  owner's weights. For the passes of micro-batch ``j`` the mirror holds the version the owner's
+  forward of ``j`` uses (:meth:`~lightning_asyncpipe.policies.base.WeightPolicy.forward_version_at`):
+  every use of the parameter by one micro-batch sees one version, and the holder's gradient is
+  the gradient of that version.
+- At its update of batch ``k`` a holder sends its gradient contribution of batch ``k`` to the
+  owner; the owner adds it to its own before its update (so clipping and the replicas'
+  averaging see the whole gradient), applies the update, and sends the new weights to the
+  holders. Later stages apply their update of batch ``k`` no later than the owner does, and the
+  owner's new weights are sent before its next forward that uses them, so nothing waits for
+  work not yet done (no step boundary is crossed backwards).
+
+Synchronous policies see version ``k`` everywhere: this is exactly one parameter in one process.
+Messages go over a process group of the holders of one replica (not the neighbours' groups).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_asyncpipe.topology import Topology
 
 __all__ = ["SharedParameters"]
 
 
-class SharedParameters:
-    """The copies of shared parameters this stage holds, and how to keep them equal.
+class _Mirror:
+    """A holder's read-only copy of a parameter another stage owns, by version."""
 
-    Every rank must construct it, in the same order (it creates one process group per shared
-    parameter and replica).
+    def __init__(self, param: nn.Parameter, places: list[tuple[nn.Module, str]], owner_rank: int, group: Any) -> None:
+        self.param, self.places, self.owner_rank, self.group = param, places, owner_rank, group
+        self.latest: Optional[int] = None
+        self.versions: dict[int, Tensor] = {}
+        self.used: dict[int, int] = {}  # micro-batch -> version, until its batch's update
+        self._recv: Optional[tuple[Any, Tensor]] = None
+        self._send: Optional[Any] = None
+        current = param.detach().requires_grad_(param.requires_grad)
+        for module, name in places:
+            del module._parameters[name]
+            module.register_buffer(name, current)
+
+    def current(self) -> Tensor:
+        module, name = self.places[0]
+        return module._buffers[name]  # type: ignore[return-value]
+
+    def start(self, version: int) -> None:
+        """Number the weights the mirror holds now (a fresh run's 0, a resumed run's update count)."""
+        self.latest, self.versions, self.used = version, {version: self.current()}, {}
+
+    def install(self, version: int) -> None:
+        t = self.versions[version]
+        for module, name in self.places:
+            module._buffers[name] = t
+
+    def receive_until(self, version: int) -> None:
+        """Receive the owner's versions, in order, until ``version`` is held."""
+        assert self.latest is not None
+        while self.latest < version:
+            if self._recv is None:
+                self.post()
+            work, buf = self._recv  # type: ignore[misc]
+            work.wait()
+            self._recv = None
+            self.latest += 1
+            self.versions[self.latest] = buf.requires_grad_(self.param.requires_grad)
+
+    def post(self) -> None:
+        buf = torch.empty_like(self.param, memory_format=torch.contiguous_format).detach()
+        self._recv = (dist.irecv(buf, src=self.owner_rank, group=self.group), buf)
+
+    def gradient(self) -> Tensor:
+        """The sum of this holder's gradients over every version, cleared."""
+        total = torch.zeros_like(self.param).detach()
+        for t in self.versions.values():
+            if t.grad is not None:
+                total += t.grad
+                t.grad = None
+        return total
+
+    def send_gradient(self) -> None:
+        if self._send is not None:
+            self._send.wait()
+        self._send = dist.isend(self.gradient(), dst=self.owner_rank, group=self.group)
+
+    def release_until(self, microbatch_end: int) -> None:
+        """Forget micro-batches before ``microbatch_end`` and the versions nothing needs any more."""
+        self.used = {j: v for j, v in self.used.items() if j >= microbatch_end}
+        assert self.latest is not None
+        keep = min([*self.used.values(), self.latest])
+        for v in [v for v in self.versions if v < keep]:
+            del self.versions[v]
+
+    def close(self) -> None:
+        """Give the module its parameter back, with the newest weights."""
+        if self._send is not None:
+            self._send.wait()
+        with torch.no_grad():
+            if self.latest is not None:
+                self.param.copy_(self.versions[self.latest])
+            else:
+                self.param.copy_(self.current())
+        for module, name in self.places:
+            del module._buffers[name]
+            module._parameters[name] = self.param
+
+
+class SharedParameters:
+    """This stage's part in keeping parameters several stages use one parameter.
+
+    Every rank must construct it, at the same point and in the same order (it creates one process
+    group per shared parameter and replica, and the owner sends its initial weights).
 
     Args:
-        shared: parameter name -> the stages that hold it.
-        local: this stage's copies by the same names.
+        shared: parameter name -> the stages that use it (ascending; the first owns it).
+        module: this stage's module (its parameters by the same names as in the full module for the
+            owner; for other holders the parameter object is looked up by identity).
+        params: this stage's parameter objects of ``shared``, by the same names.
         stage: this stage.
         topology: stages and replicas.
         rank: this process's global rank.
     """
 
-    def __init__(self, shared: Mapping[str, Sequence[int]], local: Mapping[str, nn.Parameter], stage: int,
-                 topology: Topology, rank: int) -> None:  # fmt: skip
-        self.groups: dict[str, object] = {}
+    def __init__(self, shared: Mapping[str, Sequence[int]], module: nn.Module, params: Mapping[str, nn.Parameter],
+                 stage: int, topology: Topology, rank: int) -> None:  # fmt: skip
+        self.policy: Any = None
+        self.n_microbatches = 1
+        self._owned: dict[str, tuple[str, list[int], Any]] = {}  # name -> (name in module, holder ranks, group)
+        self._sends: list[Any] = []
+        self._mirrors: dict[str, _Mirror] = {}
+        self._owner_stage: dict[str, int] = {}
+        groups: dict[str, Any] = {}
         for name in sorted(shared):
             for replica in range(topology.n_replicas):
                 ranks = [topology.rank_of(s, replica) for s in shared[name]]
                 group = dist.new_group(ranks) if dist.is_initialized() else None
                 if rank in ranks:
-                    self.groups[name] = group
-        self.params = {name: local[name] for name in self.groups}
-        self._counted_elsewhere = {id(p) for name, p in self.params.items() if shared[name][0] != stage}
+                    groups[name] = (group, ranks)
+        for name, (group, ranks) in groups.items():
+            param, owner = params[name], shared[name][0]
+            places = [(m, n) for m in module.modules() for n, p in m._parameters.items() if p is param]
+            if stage == owner:
+                local = next(n for n, p in module.named_parameters(remove_duplicate=False) if p is param)
+                self._owned[name] = (local, ranks[1:], group)
+                with torch.no_grad():  # the holders start from the owner's weights
+                    for r in ranks[1:]:
+                        dist.send(param.detach().contiguous(), dst=r, group=group)
+            else:
+                mirror = _Mirror(param, places, ranks[0], group)
+                with torch.no_grad():
+                    dist.recv(mirror.current(), src=ranks[0], group=group)
+                self._mirrors[name] = mirror
+                self._owner_stage[name] = owner
+        self._module = module
 
     def __bool__(self) -> bool:
-        return bool(self.params)
+        return bool(self._owned or self._mirrors)
 
-    def sum_gradients(self) -> None:
-        """Sum each shared parameter's gradient over its holders (collective over the holders)."""
-        for name, p in self.params.items():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, group=self.groups[name])
+    def bind(self, policy: Any, n_microbatches: int) -> None:
+        """The stage's policy (it knows which version the owner's forward of a micro-batch uses)."""
+        self.policy, self.n_microbatches = policy, n_microbatches
+        self.restart()
 
-    def counts_in_norm(self, p: nn.Parameter) -> bool:
-        """Whether this stage counts ``p`` in a norm over all stages (each parameter once)."""
-        return id(p) not in self._counted_elsewhere
+    def restart(self) -> None:
+        """Number the mirrors' weights by the policy's update count (after a checkpoint is loaded)."""
+        for mirror in self._mirrors.values():
+            mirror.start(self.policy.updates)
+
+    def select(self, microbatch: int, training: bool) -> None:
+        """Put into the mirrors the owner's version that the passes of ``microbatch`` use."""
+        for name, mirror in self._mirrors.items():
+            if training:
+                version = self.policy.forward_version_at(self._owner_stage[name], microbatch)
+                version = mirror.used.setdefault(microbatch, version)
+            else:
+                version = mirror.latest  # type: ignore[assignment]
+            mirror.receive_until(version)
+            mirror.install(version)
+
+    def before_update(self, batch: int) -> None:
+        """Holders send their gradient of ``batch``; the owner adds them to its own."""
+        for mirror in self._mirrors.values():
+            mirror.send_gradient()
+            mirror.release_until((batch + 1) * self.n_microbatches)
+        for name, (local, ranks, group) in self._owned.items():
+            param = self._module.get_parameter(local)  # a policy may have swapped in a new object
+            for r in ranks:
+                buf = torch.empty_like(param, memory_format=torch.contiguous_format).detach()
+                dist.recv(buf, src=r, group=group)
+                param.grad = buf if param.grad is None else param.grad.add_(buf)
+
+    def after_update(self) -> None:
+        """The owner sends its new weights to the holders."""
+        for work in self._sends:
+            work.wait()
+        self._sends = []
+        for name, (local, ranks, group) in self._owned.items():
+            weights = self._module.get_parameter(local).detach().clone()
+            self._sends += [dist.isend(weights, dst=r, group=group) for r in ranks]
+
+    def settle(self) -> None:
+        """After a drain: the mirrors take the owner's newest weights (every stage has applied the
+        same number of updates)."""
+        for mirror in self._mirrors.values():
+            mirror.receive_until(self.policy.updates)
+            mirror.install(self.policy.updates)
+            mirror.used = {}
+            # PipeDream-2BW keeps its one-update delay across a drain: the next batch uses the
+            # version before the newest
+            for v in [v for v in mirror.versions if v < self.policy.updates - 1]:
+                del mirror.versions[v]
+
+    def close(self) -> None:
+        """Give every module its parameters back (the mirrors' newest weights in them)."""
+        for work in self._sends:
+            work.wait()
+        self._sends = []
+        for mirror in self._mirrors.values():
+            mirror.close()
+        self._mirrors = {}

@@ -123,6 +123,13 @@ class WeightPolicy(ABC):
         m, rel = self.n_microbatches, j - self.fill_step * self.n_microbatches
         return self.fill_update + (rel // m if backward else max(0, rel - self.warmup) // m)
 
+    def forward_version_at(self, stage: int, microbatch: int) -> int:
+        """The weight version ``stage`` uses for the forward of ``microbatch`` (this stage's stream
+        and fills; :mod:`lightning_asyncpipe.tied` asks it for the stage that owns a shared
+        parameter). Default: the latest, ``W(floor(max(0, j - (p-1-stage)) / m))`` since the fill."""
+        m, rel = self.n_microbatches, microbatch - self.fill_step * self.n_microbatches
+        return self.fill_update + max(0, rel - (self.n_stages - 1 - stage)) // m
+
     # ------------------------------------------------------------------ passes
 
     def forward(self, module: nn.Module, inputs: tuple[Tensor, ...], microbatch: int, training: bool) -> Any:

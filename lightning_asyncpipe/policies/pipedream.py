@@ -40,6 +40,9 @@ class PipeDreamPolicy(StashingPolicy):
         super().__init__()
         self.vertical_sync = vertical_sync
 
+    def forward_version_at(self, stage: int, microbatch: int) -> int:
+        return super().forward_version_at(0 if self.vertical_sync else stage, microbatch)
+
     def forward_version(self, microbatch: int) -> int:
         if not self.vertical_sync:
             return self.updates  # the latest weights at forward time

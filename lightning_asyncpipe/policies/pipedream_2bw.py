@@ -39,3 +39,6 @@ class PipeDream2BWPolicy(StashingPolicy):
 
     def forward_version(self, microbatch: int) -> int:
         return max(0, microbatch // self.n_microbatches - 1)
+
+    def forward_version_at(self, stage: int, microbatch: int) -> int:
+        return self.forward_version(microbatch)  # the same at every stage

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -96,13 +95,15 @@ class StashingPolicy(WeightPolicy):
         assert self.module is not None
         old = list(self.module.parameters())
         swap: dict[int, nn.Parameter] = {}
-        for i, (name, param) in enumerate(list(self.module.named_parameters())):
+        for i, param in enumerate(old):
             data = recycle[i].detach().copy_(param.detach()) if recycle is not None else param.detach().clone()
             fresh = nn.Parameter(data, requires_grad=param.requires_grad)
             fresh.grad, param.grad = param.grad, None
-            owner, _, leaf = name.rpartition(".")
-            self.module.get_submodule(owner)._parameters[leaf] = fresh
             swap[id(param)] = fresh
+        for module in self.module.modules():  # every name a parameter has (a tie inside the stage)
+            for leaf, param in module._parameters.items():
+                if param is not None and id(param) in swap:
+                    module._parameters[leaf] = swap[id(param)]
         if self.optimizer is not None:
             for group in self.optimizer.param_groups:
                 group["params"] = [swap.get(id(p), p) for p in group["params"]]

@@ -15,6 +15,9 @@ __all__ = ["GPipePolicy", "PipeDreamFlushPolicy"]
 class _Synchronous(WeightPolicy):
     synchronous: ClassVar[bool] = True
 
+    def forward_version_at(self, stage: int, microbatch: int) -> int:
+        return self.updates  # every stage runs batch k on W(k)
+
     def drain_actions(self, n_stages: int, n_microbatches: int, stage: int, step: int, fill_step: int) -> list[Action]:
         return []  # every step ends with an empty pipeline
 
