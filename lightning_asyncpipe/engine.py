@@ -153,8 +153,9 @@ class PipelineEngine:
                     dist.all_reduce(p.grad, group=self.groups.stage)
                     p.grad /= self.topology.n_replicas
         if self.clip_grad_norm is not None:
-            squared = sum((p.grad.detach().float().pow(2).sum() for p in params if p.grad is not None),
-                          torch.zeros((), device=self.device))  # fmt: skip
+            dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+            squared = sum((p.grad.detach().to(dtype).pow(2).sum() for p in params if p.grad is not None),
+                          torch.zeros((), dtype=dtype, device=self.device))  # fmt: skip
             if self.policy.synchronous and self.topology.n_stages > 1:
                 dist.all_reduce(squared, group=self.groups.pipeline)
             coef = torch.clamp(self.clip_grad_norm / (squared.sqrt() + 1e-6), max=1.0)

@@ -43,7 +43,7 @@ from torch.optim import Optimizer
 
 from lightning_asyncpipe.microbatch import microbatch_weights, split
 
-__all__ = ["reference_train", "ReferenceResult", "SYNCHRONOUS", "STASHING", "RECOMPUTING"]
+__all__ = ["reference_train", "reference_train_stages", "split_stages", "ReferenceResult", "SYNCHRONOUS", "STASHING", "RECOMPUTING"]
 
 SYNCHRONOUS = ("gpipe", "pipedream_flush")
 STASHING = ("pipedream", "pipedream_2bw")
@@ -112,28 +112,102 @@ def reference_train(
     policy_options: Optional[dict[str, Any]] = None,
     prefix: str = "net.",
 ) -> ReferenceResult:
-    """Train ``sequential`` (a copy) on ``batches`` as ``policy`` defines it.
+    """Train ``sequential`` (a copy) on ``batches`` as ``policy`` defines it, split into stages of
+    ``counts`` layers (see :func:`reference_train_stages` for the other arguments)."""
+    names = list(sequential._modules)
+    edges = [sum(counts[:i]) for i in range(len(counts) + 1)]
+    stages = [nn.Sequential(OrderedDict((names[i], copy.deepcopy(sequential[i])) for i in range(edges[s], edges[s + 1])))
+              for s in range(len(counts))]  # fmt: skip
+    return reference_train_stages(stages, policy, batches, microbatches, loss_fn, optimizer, lr_scheduler,
+                                  clip_grad_norm, drain_after, policy_options, prefix=prefix)  # fmt: skip
+
+
+class _ProgramStage(nn.Module):
+    """One stage of a split module: its program run on the stage's attributes."""
+
+    def __init__(self, program: Any) -> None:
+        super().__init__()
+        self.__dict__["program"] = program
+
+    def forward(self, *tensors: Tensor) -> Any:
+        return self.program(self, *tensors)
+
+
+def split_stages(module: nn.Module, args: Sequence[Any], n_stages: int, balance: Any = "parameters",
+                 split_points: Optional[Sequence[str]] = None) -> tuple[list[nn.Module], list[dict[int, str]]]:  # fmt: skip
+    """``module`` (not modified) captured for the call ``module(*args)`` and split as the pipeline
+    splits it (by parameters, or at ``split_points``): one module per stage, each holding its own
+    copy of the weights it uses under the user's names, and each shared parameter's name on every
+    stage that uses it (``{stage: name}``, the first stage owning it)."""
+    from lightning_asyncpipe.partition import plan_partition  # capture and split only
+    from lightning_asyncpipe.split import install
+
+    holder = nn.Module()
+    holder.net = copy.deepcopy(module)
+    plan = plan_partition(holder, n_stages, balance, "net", split_points, (), (tuple(args), {}))
+    stages: list[nn.Module] = []
+    copies = []
+    for program in plan.split.programs:
+        whole = copy.deepcopy(module)  # ties inside the copy stay ties
+        stage = install(_ProgramStage(program), whole, program.attributes)
+        stages.append(stage)
+        copies.append(whole)
+    shared = []
+    for name, users in plan.split.shared.items():
+        local = {}
+        for s in users:
+            target = copies[s].get_parameter(name)
+            local[s] = next(n for n, q in stages[s].named_parameters(remove_duplicate=False) if q is target)
+        shared.append(local)
+    return stages, shared
+
+
+def _tuple(x: Any) -> tuple[Any, ...]:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def reference_train_stages(
+    stages: Sequence[nn.Module],
+    policy: str,
+    batches: Sequence[tuple[Any, Any]],
+    microbatches: int,
+    loss_fn: Callable[[Any, Any], Tensor],
+    optimizer: Callable[[Iterable[nn.Parameter]], Optimizer],
+    lr_scheduler: Optional[Callable[[Optimizer], Any]] = None,
+    clip_grad_norm: Optional[float] = None,
+    drain_after: Iterable[int] = (),
+    policy_options: Optional[dict[str, Any]] = None,
+    shared: Sequence[dict[int, str]] = (),
+    prefix: str = "net.",
+) -> ReferenceResult:
+    """Train ``stages`` (modified in place) on ``batches`` as ``policy`` defines it.
 
     Args:
-        sequential: the full model's layers (not modified).
-        counts: layers per stage.
+        stages: one module per stage; stage ``s+1`` is called with stage ``s``'s outputs (a tensor
+            or a tuple), stage 0 with the micro-batch's inputs (a tensor or a tuple).
         policy: a policy name.
         batches: ``(inputs, targets)`` per step.
         microbatches: ``m``.
-        loss_fn: ``loss_fn(output, target)``, a mean over a micro-batch.
+        loss_fn: ``loss_fn(output of the last stage, target)``, a mean over a micro-batch.
         optimizer, lr_scheduler: factories, as the engine gets them (one scheduler step per step).
         clip_grad_norm: the engine's clipping norm.
         drain_after: steps after which the pipeline is drained (the last step always is).
         policy_options: the policy's keyword arguments.
-        prefix: prepended to the Sequential's keys in the result.
+        shared: parameters several stages use, each as ``{stage: its name there}``. The first stage
+            owns it: it applies the update with the sum of every holder's gradient; every other
+            holder uses, for micro-batch ``j``, the owner's version of the owner's forward of ``j``
+            (raw weights: no prediction, no correction), in its forward and its backward.
+        prefix: prepended to the stages' keys in the result.
     """
     opts = dict(policy_options or {})
-    p, m, n_steps = len(counts), microbatches, len(batches)
-    names = list(sequential._modules)
-    edges = [sum(counts[:i]) for i in range(p + 1)]
-    stages = [nn.Sequential(OrderedDict((names[i], copy.deepcopy(sequential[i])) for i in range(edges[s], edges[s + 1])))
-              for s in range(p)]  # fmt: skip
-    optims = [optimizer(st.parameters()) for st in stages]
+    p, m, n_steps = len(stages), microbatches, len(batches)
+    owner_of: list[dict[str, tuple[int, str]]] = [{} for _ in stages]  # stage -> its name -> (owner, name there)
+    for names in shared:
+        owner = min(names)
+        for s, n in names.items():
+            if s != owner:
+                owner_of[s][n] = (owner, names[owner])
+    optims = [optimizer([q for n, q in st.named_parameters() if n not in owner_of[s]]) for s, st in enumerate(stages)]
     lrs = _lr_table(optimizer, lr_scheduler, n_steps)
     drains = set(drain_after) | {n_steps - 1}
     history: list[dict[int, dict[str, Tensor]]] = [{0: _snapshot(st)} for st in stages]
@@ -153,6 +227,12 @@ def reference_train(
             return max(0, k - 1)
         return fill + max(0, r - ((p - 1) if vsync else warm[s])) // m
 
+    def with_owners(s: int, weights: dict[str, Tensor], fv: list[int]) -> dict[str, Tensor]:
+        if not owner_of[s]:
+            return weights
+        mirrored = {n: history[o][fv[o]][on] for n, (o, on) in owner_of[s].items()}
+        return {**weights, **mirrored}
+
     for k, (x, y) in enumerate(batches):
         xs, ys = split(x, m), split(y, m)
         shares = microbatch_weights(xs)
@@ -162,32 +242,33 @@ def reference_train(
             j = k * m + i
             fv = [forward_version(s, j, k) for s in range(p)]
             recompute = [policy in RECOMPUTING and fv[s] != k for s in range(p)]
-            inputs: list[Tensor] = []
+            inputs: list[tuple[Tensor, ...]] = []
             leaves: list[dict[str, Tensor]] = []
-            outputs: list[Tensor] = []
-            h = xs[i]
+            outputs: list[Any] = []
+            h = _tuple(xs[i])
             for s, st in enumerate(stages):
                 oldest[s] = min(oldest[s], fv[s])
-                h_in = h.detach().requires_grad_(s > 0)
+                h_in = tuple(t.detach().requires_grad_(s > 0 and t.is_floating_point()) for t in h)
                 weights = history[s][fv[s]]
                 if policy == "pipelined_backprop" and opts.get("weight_prediction", True) and fv[s] != k:
                     gap = k - fv[s]
                     lr_now = lrs[k]
                     weights = {n: w if momentum[s][fv[s]].get(n) is None else w - lr_now * gap * momentum[s][fv[s]][n]
                                for n, w in weights.items()}  # fmt: skip
+                weights = with_owners(s, weights, fv)
                 if recompute[s]:
                     with torch.no_grad():
-                        out = functional_call(st, weights, (h_in,))
+                        out = functional_call(st, weights, h_in)
                     leaves.append({})
                 else:
                     leaf = {n: w.clone().requires_grad_(True) for n, w in weights.items()}
-                    out = functional_call(st, leaf, (h_in,))
+                    out = functional_call(st, leaf, h_in)
                     leaves.append(leaf)
                 inputs.append(h_in)
                 outputs.append(out)
-                h = out.detach()
+                h = tuple(t.detach().contiguous() for t in _tuple(out))  # as a transfer delivers it
             loss = loss_fn(outputs[-1], ys[i]) * shares[i]
-            grad_out: Optional[Tensor] = None
+            grad_out: Sequence[Optional[Tensor]] = ()
             for s in reversed(range(p)):
                 st = stages[s]
                 if recompute[s]:
@@ -195,16 +276,23 @@ def reference_train(
                     current = history[s][k]
                     if policy == "pipemare" and opts.get("discrepancy_correction", True) and velocity[s] is not None:
                         current = {n: w - gap * velocity[s][n] for n, w in current.items()}  # type: ignore[index]
+                    current = with_owners(s, current, fv)
                     leaves[s] = {n: w.clone().requires_grad_(True) for n, w in current.items()}
-                    outputs[s] = functional_call(st, leaves[s], (inputs[s],))
+                    outputs[s] = functional_call(st, leaves[s], inputs[s])
                 if s == p - 1:
                     torch.autograd.backward(loss)
                 else:
-                    torch.autograd.backward(outputs[s], grad_out)
+                    pairs = [(o, g) for o, g in zip(_tuple(outputs[s]), grad_out) if o.requires_grad and g is not None]
+                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
                 for n, leaf in leaves[s].items():
                     if leaf.grad is not None:
                         grads[s][n] = grads[s][n] + leaf.grad if n in grads[s] else leaf.grad.clone()
-                grad_out = inputs[s].grad
+                grad_out = [t.grad for t in inputs[s]]
+        for s in range(p):  # a holder's gradient goes to the owner
+            for n, (o, on) in owner_of[s].items():
+                g = grads[s].pop(n, None)
+                if g is not None:
+                    grads[o][on] = grads[o][on] + g if on in grads[o] else g
         # one update per stage, on the newest weights
         if clip_grad_norm is not None:
             if policy in SYNCHRONOUS:
@@ -243,6 +331,8 @@ def reference_train(
         if k in drains:
             fill = k + 1
     state: dict[str, Tensor] = {}
-    for st in stages:
-        state.update({prefix + n: t.detach().clone() for n, t in st.state_dict().items()})
+    for s, st in enumerate(stages):
+        own = {n: t.detach().clone() for n, t in st.state_dict().items()}
+        own.update({n: history[o][n_steps][on].clone() for n, (o, on) in owner_of[s].items()})
+        state.update({prefix + n: t for n, t in own.items()})
     return ReferenceResult(state, delays)

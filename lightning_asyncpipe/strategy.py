@@ -708,9 +708,12 @@ class AsyncPipeStrategy(ParallelStrategy):
         params = [p for p in self.precision_plugin.main_params(optimizer) if p.grad is not None]
         grads = [p.grad for p in params]
         device = grads[0].device if grads else self.root_device
-        squared = torch.zeros((), dtype=torch.float32, device=device)
+        # float32 at least, float64 for a float64 model (every stage: the sum is all-reduced)
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.precision_plugin.main_params(optimizer)) \
+            else torch.float32  # fmt: skip
+        squared = torch.zeros((), dtype=dtype, device=device)
         for p in params:  # a shared parameter is its owner's only
-            squared += p.grad.detach().float().pow(2).sum()
+            squared += p.grad.detach().to(dtype).pow(2).sum()
         if self._policy.synchronous and self.topology.n_stages > 1:
             dist.all_reduce(squared, group=self._groups.pipeline if self._groups else None)
         coef = torch.clamp(float(clip_val) / (squared.sqrt() + 1e-6), max=1.0)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 EPS32 = torch.finfo(torch.float32).eps
+EPS64 = torch.finfo(torch.float64).eps
 ULPS_PER_STEP = 8
 
 
@@ -36,6 +37,11 @@ def training_atol(expected: Mapping[str, Tensor], steps: int) -> float:
     """Allowed absolute difference of weights after ``steps`` optimizer steps:
     ``steps * ULPS_PER_STEP * eps32 * max|W|``."""
     return steps * ULPS_PER_STEP * EPS32 * scale_of(expected.values())
+
+
+def training_atol64(expected: Mapping[str, Tensor], steps: int) -> float:
+    """:func:`training_atol` for float64 trainings."""
+    return steps * ULPS_PER_STEP * EPS64 * scale_of(expected.values())
 
 
 def loss_atol(losses: Iterable[float], steps: int) -> float:

@@ -1,0 +1,90 @@
+"""The GPT-with-tied-head cases, shared by tests/scripts/gpt_vs_reference.py (which runs them on
+real processes with the raw engine) and tests/test_tied_reference.py (which checks them against
+:mod:`lightning_asyncpipe.reference`). float64: the comparison holds to ~1e-12 on any CPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from tests.helpers.zoo import GPT, GPTConfig
+
+POLICIES: list[tuple[str, dict[str, Any]]] = [
+    ("gpipe", {}),
+    ("pipedream_flush", {}),
+    ("pipedream", {}),
+    ("pipedream", {"vertical_sync": True}),
+    ("pipedream_2bw", {}),
+    ("pipemare", {}),
+    ("pipelined_backprop", {}),
+]
+N_STEPS = 8
+DRAIN_AFTER = (2,)  # a drain mid-run (as validation would cause), then a refill
+T = 8  # tokens per sequence
+
+
+@dataclass(frozen=True)
+class Case:
+    policy: str
+    options: dict[str, Any] = field(hash=False)
+    microbatches: int
+
+    @property
+    def name(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.policy}[{opts}]-m{self.microbatches}"
+
+
+def cases(n_stages: int) -> list[Case]:
+    """Each policy with one micro-batch per batch (the owner's version then lags the most; not for
+    2BW, which needs ``m >= p``), ``p`` and ``2p``."""
+    return [Case(policy, options, m) for policy, options in POLICIES for m in (1, n_stages, 2 * n_stages)
+            if m >= n_stages or policy != "pipedream_2bw"]
+
+
+def model() -> nn.Module:
+    """A nanoGPT (token and position embeddings, a ModuleList of blocks, the head tied to the token
+    embedding), in float64, held as ``net`` (the pipelined module)."""
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.net = GPT(GPTConfig(n_layer=4, bias=False)).double()
+    return holder
+
+
+def batches() -> list[tuple[Any, Any]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(N_STEPS):
+        data = torch.randint(0, 32, (8, T + 1), generator=g)
+        x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+        out.append(((x, y), y))
+    return out
+
+
+def loss_fn(output: Any, target: Any) -> torch.Tensor:
+    _, loss = output  # nanoGPT's forward computes the loss when given targets
+    return loss
+
+
+def optimizer(policy: str) -> Any:
+    """AdamW with nanoGPT's decay groups (SGD with momentum for pipelined_backprop, which needs it)."""
+
+    def make(params: Any) -> torch.optim.Optimizer:
+        params = list(params)
+        if policy == "pipelined_backprop":
+            return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+        return torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95))
+
+    return make
+
+
+def scheduler(opt: torch.optim.Optimizer) -> Any:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1.0 + 0.1 * step))
+
+
+CLIP = 0.5
