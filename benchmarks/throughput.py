@@ -73,10 +73,11 @@ LAUNCH_TIMEOUT_S = 600
 def build_model() -> nn.Sequential:
     torch.manual_seed(0)
     if MODEL == "gpt":
-        sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+        sys.path.insert(0, HERE)
+        from gpt_sequential import sequential_gpt
         from chargpt import CharGPT
 
-        return CharGPT(n_layer=4, n_embd=128, block_size=GPT_CONTEXT).net
+        return sequential_gpt(CharGPT(n_layer=4, n_embd=128, block_size=GPT_CONTEXT).model)
     layers: list[nn.Module] = []
     for i in range(LAYERS):
         layers.append(nn.Linear(WIDTH, WIDTH))

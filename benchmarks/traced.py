@@ -6,9 +6,10 @@ eagerly (what a stage of an ``nn.Sequential`` did before: ``for layer in layers:
 
 Both sides run the same layer objects on the same micro-batch, forward then backward, in one
 process with one thread, alternating in rounds; the median over rounds of the per-iteration time
-is reported, and the two results are checked to be bitwise equal. A second pair compares the same
-GPT written nanoGPT-style (a ``ModuleList`` of the same blocks, embeddings and head as attributes,
-a loop in forward) with the Sequential version, both captured and split at the same block.
+is reported, and the two results are checked to be bitwise equal. A second pair compares the main
+job's GPT as written (nanoGPT-style: a ``ModuleList`` of blocks, embeddings and a tied head as
+attributes, a loop in forward) with the same layers as a Sequential
+(``benchmarks/gpt_sequential.py``), both captured and split at the same block.
 Writes ``benchmarks/results/traced.{json,md}``.
 """
 
@@ -31,22 +32,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from examples.chargpt import CharGPT  # noqa: E402
+from benchmarks.gpt_sequential import sequential_gpt  # noqa: E402
 from lightning_asyncpipe.partition import plan_partition  # noqa: E402
 from lightning_asyncpipe.split import stage_module  # noqa: E402
-
-
-class LoopGPT(nn.Module):
-    """The same GPT as CharGPT.net, written nanoGPT-style: attributes and a ModuleList."""
-
-    def __init__(self, seq: nn.Sequential) -> None:
-        super().__init__()
-        self.embed, self.blocks, self.head = seq[0], nn.ModuleList(list(seq)[1:-1]), seq[-1]
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.embed(idx)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
 
 
 def _program_step(root: nn.Module, x: torch.Tensor, n_stages: int, points: list[str]) -> Callable[[], torch.Tensor]:
@@ -90,13 +78,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    seq = CharGPT(n_layer=4, n_embd=128, block_size=64).net  # the main job's model
+    gpt = CharGPT(n_layer=4, n_embd=128, block_size=64).model  # the main job's model, nanoGPT-style
+    seq = sequential_gpt(gpt)  # the same layers as a Sequential
     x = torch.randint(0, 256, (args.batch, 64))
     pairs = {
         "stage 0 of 2 (embedding + 2 blocks): eager loop vs program": (
             _eager_step(list(seq)[:3], x), _program_step(seq, x, 2, ["3"])),
         "stage 0 of 2: Sequential GPT vs ModuleList GPT, both programs": (
-            _program_step(seq, x, 2, ["3"]), _program_step(LoopGPT(seq), x, 2, ["blocks.2"])),
+            _program_step(seq, x, 2, ["3"]), _program_step(gpt, x, 2, ["transformer.h.2"])),
     }  # fmt: skip
     rows = []
     for name, (a, b) in pairs.items():

@@ -1,7 +1,7 @@
 """A small GPT-style character model and the text it learns: the standard library's own sources.
 
-The whole model is one ``nn.Sequential`` (embedding, transformer blocks, head), so
-``AsyncPipeStrategy`` can split it into stages; nothing else in the module holds parameters.
+The model is written nanoGPT's way (a ``ModuleList`` of blocks, the head tied to the token
+embedding); ``AsyncPipeStrategy`` captures its forward and splits it between blocks.
 """
 
 from __future__ import annotations
@@ -18,19 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["CharGPT", "StdlibText", "read_stdlib"]
-
-
-class Embedding(nn.Module):
-    """Token plus learned position embedding."""
-
-    def __init__(self, vocab_size: int, n_embd: int, block_size: int) -> None:
-        super().__init__()
-        self.tok = nn.Embedding(vocab_size, n_embd)
-        self.pos = nn.Embedding(block_size, n_embd)
-
-    def forward(self, idx: Tensor) -> Tensor:
-        return self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+__all__ = ["CharGPT", "GPT", "StdlibText", "read_stdlib"]
 
 
 class Block(nn.Module):
@@ -53,19 +41,35 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class Head(nn.Module):
-    """Final layer norm and the projection to the vocabulary."""
+class GPT(nn.Module):
+    """nanoGPT's layout: token and position embeddings, a ``ModuleList`` of blocks, a final
+    LayerNorm and an LM head tied to the token embedding."""
 
-    def __init__(self, n_embd: int, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int,
+                 dropout: float) -> None:  # fmt: skip
         super().__init__()
-        self.ln, self.out = nn.LayerNorm(n_embd), nn.Linear(n_embd, vocab_size)
+        self.block_size = block_size
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab_size, n_embd),
+            wpe=nn.Embedding(block_size, n_embd),
+            drop=nn.Dropout(dropout),
+            h=nn.ModuleList([Block(n_embd, n_head, dropout) for _ in range(n_layer)]),
+            ln_f=nn.LayerNorm(n_embd),
+        ))  # fmt: skip
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.out(self.ln(x))
+    def forward(self, idx: Tensor) -> Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        return self.lm_head(self.transformer.ln_f(x))
 
 
 class CharGPT(L.LightningModule):
-    """A character-level GPT (nanoGPT-shaped, byte vocabulary).
+    """A character-level GPT (byte vocabulary), written as a Lightning project writes one: the model
+    in ``self.model``, nothing shaped for the pipeline.
 
     Args:
         vocab_size: 256: the model reads raw bytes.
@@ -82,14 +86,10 @@ class CharGPT(L.LightningModule):
                  warmup_steps: int = 20) -> None:  # fmt: skip
         super().__init__()
         self.save_hyperparameters()
-        self.net = nn.Sequential(
-            Embedding(vocab_size, n_embd, block_size),
-            *[Block(n_embd, n_head, dropout) for _ in range(n_layer)],
-            Head(n_embd, vocab_size),
-        )
+        self.model = GPT(vocab_size, block_size, n_layer, n_head, n_embd, dropout)
 
     def forward(self, idx: Tensor) -> Tensor:
-        return self.net(idx)
+        return self.model(idx)
 
     def _loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_asyncpipe.topology import Topology
+from lightning_asyncpipe.wgrad import grad_into_live
 
 __all__ = ["SharedParameters"]
 
@@ -55,9 +56,14 @@ class _Mirror:
         module, name = self.places[0]
         return module._buffers[name]  # type: ignore[return-value]
 
+    def _version(self, t: Tensor) -> Tensor:
+        # a linear layer may defer the weight gradient of a mirror like a parameter's (one GEMM per
+        # batch, into the installed version's grad: the holder sums every version's anyway)
+        return grad_into_live(t.requires_grad_(self.param.requires_grad), self.param)
+
     def start(self, version: int) -> None:
         """Number the weights the mirror holds now (a fresh run's 0, a resumed run's update count)."""
-        self.latest, self.versions, self.used = version, {version: self.current()}, {}
+        self.latest, self.versions, self.used = version, {version: self._version(self.current())}, {}
 
     def install(self, version: int) -> None:
         t = self.versions[version]
@@ -74,7 +80,7 @@ class _Mirror:
             work.wait()
             self._recv = None
             self.latest += 1
-            self.versions[self.latest] = buf.requires_grad_(self.param.requires_grad)
+            self.versions[self.latest] = self._version(buf)
 
     def post(self) -> None:
         buf = torch.empty_like(self.param, memory_format=torch.contiguous_format).detach()
