@@ -874,7 +874,7 @@ class AsyncPipeStrategy(ParallelStrategy):
             )
         self._pipeline.load_state_dict(saved)
         if self._shared:
-            self._shared.restart()
+            self._shared.restart(saved.get("tensors"))
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:

@@ -40,8 +40,9 @@ __all__ = ["SharedParameters"]
 class _Mirror:
     """A holder's read-only copy of a parameter another stage owns, by version."""
 
-    def __init__(self, param: nn.Parameter, places: list[tuple[nn.Module, str]], owner_rank: int, group: Any) -> None:
-        self.param, self.places, self.owner_rank, self.group = param, places, owner_rank, group
+    def __init__(self, name: str, param: nn.Parameter, places: list[tuple[nn.Module, str]], owner_rank: int,
+                 group: Any) -> None:  # fmt: skip
+        self.name, self.param, self.places, self.owner_rank, self.group = name, param, places, owner_rank, group
         self.latest: Optional[int] = None
         self.versions: dict[int, Tensor] = {}
         self.used: dict[int, int] = {}  # micro-batch -> version, until its batch's update
@@ -163,7 +164,7 @@ class SharedParameters:
                     for r in ranks[1:]:
                         dist.send(param.detach().contiguous(), dst=r, group=group)
             else:
-                mirror = _Mirror(param, places, ranks[0], group)
+                mirror = _Mirror(name, param, places, ranks[0], group)
                 with torch.no_grad():
                     dist.recv(mirror.current(), src=ranks[0], group=group)
                 self._mirrors[name] = mirror
@@ -178,10 +179,16 @@ class SharedParameters:
         self.policy, self.n_microbatches = policy, n_microbatches
         self.restart()
 
-    def restart(self) -> None:
-        """Number the mirrors' weights by the policy's update count (after a checkpoint is loaded)."""
+    def restart(self, saved: Optional[Mapping[str, Mapping[str, Tensor]]] = None) -> None:
+        """Number the mirrors' weights by the policy's update count; after a checkpoint is loaded,
+        ``saved`` (the merged policy state's tensors) gives the older versions the owner kept
+        (PipeDream-2BW's next batch uses the version before the newest)."""
         for mirror in self._mirrors.values():
             mirror.start(self.policy.updates)
+            for key, by_name in (saved or {}).items():
+                if key.startswith("stash.") and mirror.name in by_name:
+                    weights = by_name[mirror.name].detach().to(mirror.param.device, mirror.param.dtype).clone()
+                    mirror.versions[int(key[len("stash."):])] = mirror._version(weights)
 
     def select(self, microbatch: int, training: bool) -> None:
         """Put into the mirrors the owner's version that the passes of ``microbatch`` use."""

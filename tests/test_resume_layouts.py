@@ -1,7 +1,9 @@
 """A checkpoint written by N stages resumes on M stages (2 -> 4 and 4 -> 2) to the same weights as
 an uninterrupted run, and loads into a plain single-process module (optimizer state and policy
 state travel by parameter name). Checked for the synchronous policy and for PipeDream-2BW, whose
-result does not depend on the number of stages (its resumed run needs the stashed version)."""
+result does not depend on the number of stages (its resumed run needs the stashed version), on a
+Sequential regressor and on a nanoGPT whose head is tied to its embedding (the tie's owner and
+holder change processes between the layouts)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,12 @@ import torch
 
 from tests.helpers.launch import run_script
 from tests.helpers.models import SeqRegressor
+from tests.helpers.zoo import GPTModule
 
 pytestmark = pytest.mark.slow  # this file takes 40 s or more on 2 cores
 
 
-POLICIES = ["pipedream_flush", "pipedream_2bw"]
+POLICIES = ["pipedream_flush", "pipedream_2bw", "gpt+pipedream_flush", "gpt+pipedream_2bw"]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +42,11 @@ def test_checkpoints_move_between_stage_counts(runs, policy: str) -> None:
         for name in straight:
             assert torch.equal(resumed[name], straight[name]), f"{source}->{devices}: {name}"
     saved = torch.load(out / "first-4" / "last.ckpt", weights_only=False)
-    assert len(saved["optimizer_states"][0]["state"]) == 10  # AdamW state of all 10 parameters, one file
-    plain = SeqRegressor.load_from_checkpoint(out / "first-4" / "last.ckpt")
-    assert sum(p.numel() for p in plain.parameters()) == sum(v.numel() for v in saved["state_dict"].values())
+    module_class = GPTModule if policy.startswith("gpt+") else SeqRegressor
+    plain = module_class.load_from_checkpoint(out / "first-4" / "last.ckpt")
+    # AdamW state of every parameter (the tied one once), in one file
+    assert len(saved["optimizer_states"][0]["state"]) == len(list(plain.parameters()))
+    assert sum(p.numel() for _, p in plain.named_parameters(remove_duplicate=False)) == \
+        sum(v.numel() for v in saved["state_dict"].values())  # fmt: skip
+    if module_class is GPTModule:
+        assert plain.model.lm_head.weight is plain.model.transformer.wte.weight
