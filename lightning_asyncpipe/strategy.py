@@ -1,80 +1,58 @@
 """Lightning glue: ``AsyncPipeStrategy``, the lifecycle that wires partition, transport, policy and
-executor into a Trainer. No pipeline logic lives here."""
+executor into a Trainer. No pipeline logic lives here. The strategy is assembled from mixins, one
+job each: :mod:`~lightning_asyncpipe.strategy_launch` (processes and collectives),
+:mod:`~lightning_asyncpipe.strategy_checks` (what is checked before and at setup),
+:mod:`~lightning_asyncpipe.strategy_state` (optimizer, updates, checkpoints) and
+:mod:`~lightning_asyncpipe.strategy_handoff` (user steps, logging, step outputs)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.distributed import (
-    _distributed_is_initialized,
-    _get_default_process_group_backend_for_device,
-    _init_dist_connection,
-    _sync_ddp_if_available,
-)
-from lightning.fabric.utilities.distributed import group as _group
-from lightning.fabric.utilities.seed import reset_seed
-from lightning.fabric.utilities.types import _Stateful
+from lightning.fabric.utilities.distributed import _distributed_is_initialized
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
-from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from torch import Tensor, nn
-from torch.optim import Optimizer
-from torch.utils.data import RandomSampler
+from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
-from lightning_asyncpipe.checkpoint import (
-    PIPELINE_STATE_KEY,
-    load_optimizer_state_by_name,
-    merge_optimizer_states,
-    merge_pipeline_states,
-    optimizer_state_by_name,
-)
 from lightning_asyncpipe.checkpoint_io import AtomicCheckpointIO
 from lightning_asyncpipe.comm import PipelineGroups, TorchP2PTransport
-from lightning_asyncpipe.data import ResumableLoader
 from lightning_asyncpipe.errors import PipelineConfigError
 from lightning_asyncpipe.executor import PipelineExecutor
 from lightning_asyncpipe.handoff import StepHandoff
-from lightning_asyncpipe.launch import ScriptLauncher, SpawnLauncher, reset_after_hydra_job
+from lightning_asyncpipe.launch import ScriptLauncher, reset_after_hydra_job
 from lightning_asyncpipe.metrics import PipelineMetrics
-from lightning_asyncpipe.microbatch import batch_size, microbatch_weights, split
 from lightning_asyncpipe.pipeline import StagePipeline
 from lightning_asyncpipe.partition import (
     MEASURED_BALANCES,
     Balance,
     Partition,
-    balance_by_cost,
-    check_parameters_inside,
     example_call,
     find_pipelined,
     partition_module,
-    plan_partition,
     restore_module,
 )
+from lightning_asyncpipe.strategy_checks import ChecksGlue
+from lightning_asyncpipe.strategy_handoff import HandOffGlue
+from lightning_asyncpipe.strategy_launch import LaunchGlue
+from lightning_asyncpipe.strategy_state import StateGlue
 from lightning_asyncpipe.tied import SharedParameters
-from lightning_asyncpipe.signals import StopRequest, StopRequested, StopSignals
-from lightning_asyncpipe.profiling import layer_costs, profile_layers, sequential_input
+from lightning_asyncpipe.signals import StopRequested, StopSignals
 from lightning_asyncpipe.policies import WeightPolicy, available_policies, get_policy, policy_class
-from lightning_asyncpipe.policies.base import StepFn
 from lightning_asyncpipe.topology import Topology
-from lightning_asyncpipe.trace import TimelineEvent, TimelineRecorder
-from lightning_asyncpipe.trace import merge as merge_timeline
-from lightning_asyncpipe.watchdog import PARENT_PID_ENV, ParentWatch, report
-from lightning_asyncpipe.user_step import LogRecord, LogRecorder, UserStep
+from lightning_asyncpipe.trace import TimelineRecorder
+from lightning_asyncpipe.watchdog import ParentWatch
+from lightning_asyncpipe.user_step import LogRecorder
 
 __all__ = ["AsyncPipeStrategy"]
 
@@ -83,7 +61,7 @@ log = logging.getLogger(__name__)
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
 
 
-class AsyncPipeStrategy(ParallelStrategy):
+class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, ParallelStrategy):
     """Pipeline-parallel training of a LightningModule, one process per stage.
 
     ``devices = stages x replicas``: each process holds one stage of one pipeline replica (see
@@ -209,167 +187,7 @@ class AsyncPipeStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ topology and launch
 
-    @property
-    def is_distributed(self) -> bool:
-        # Lightning injects a DistributedSampler (sharding over replicas) and syncs `sync_dist` logs
-        # only when this is True. With one replica every stage must read exactly the user's own
-        # batches, as a single-device run would: see `process_dataloader`.
-        return self.topology.n_replicas > 1
-
-    @override
-    def process_dataloader(self, dataloader: Any) -> Any:
-        """Make a shuffling sampler draw the same order on every stage of a pipeline, and keep the
-        training loader's position in checkpoints (:class:`~lightning_asyncpipe.data.ResumableLoader`).
-
-        With one replica the user's sampler is kept (single-device semantics); a ``RandomSampler``
-        without its own generator would draw from each process's global RNG, which diverges as
-        stages consume different amounts of randomness (dropout), so it gets a generator seeded
-        identically on every rank.
-        """
-        sampler = getattr(dataloader, "sampler", None)
-        if isinstance(sampler, RandomSampler) and sampler.generator is None and self._data_seed is not None:
-            sampler.generator = torch.Generator().manual_seed(self._data_seed)
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        training = trainer is not None and trainer.state.stage == RunningStage.TRAINING
-        if training and not isinstance(dataloader, _Stateful) and hasattr(dataloader, "__len__"):
-            return ResumableLoader(dataloader, self._data_position)
-        return dataloader
-
-    def _data_position(self) -> tuple[int, bool]:
-        """Batches of the current epoch trained so far, and whether the epoch is complete."""
-        assert self.lightning_module is not None
-        trainer = self.lightning_module.trainer
-        trained = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return trained, trained >= trainer.num_training_batches
-
-    @property
-    def num_nodes(self) -> int:
-        return self._num_nodes
-
-    @num_nodes.setter
-    def num_nodes(self, num_nodes: int) -> None:
-        self._num_nodes = num_nodes
-
-    @property
-    def num_processes(self) -> int:
-        return len(self.parallel_devices) if self.parallel_devices is not None else 0
-
-    @property
-    def n_stages(self) -> int:
-        return self._stages if self._stages is not None else self.num_processes * self.num_nodes
-
-    @property
-    def topology(self) -> Topology:
-        """The rank layout; available once the Trainer knows the devices."""
-        if self._topology is None:
-            self._topology = Topology(self.num_nodes * self.num_processes, self.n_stages)
-        return self._topology
-
-    @property
-    def stage(self) -> int:
-        return self.topology.stage_of(self.global_rank)
-
-    @property
-    def replica(self) -> int:
-        return self.topology.replica_of(self.global_rank)
-
-    @property
-    @override
-    def root_device(self) -> torch.device:
-        assert self.parallel_devices is not None
-        return self.parallel_devices[self.local_rank]
-
-    @property
-    @override
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        # every stage of a replica reads the same batches: shard over replicas, not over the world
-        return {"num_replicas": self.topology.n_replicas, "rank": self.replica}
-
-    def set_world_ranks(self) -> None:
-        if self.cluster_environment is not None:
-            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
-            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        rank_zero_only.rank = self.global_rank
-
-    @override
-    def _configure_launcher(self) -> None:
-        assert self.cluster_environment is not None
-        self._topology = None
-        self.topology  # noqa: B018  (devices not divisible by stages fail here, before any launch)
-        policy = get_policy(self.policy_name, **self.policy_options)
-        policy.validate(self.n_stages, self.microbatches)
-        if self._start_method == "popen":
-            self._launcher = ScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
-        else:
-            self._launcher = SpawnLauncher(self, start_method=self._start_method)
-        self._launcher.strategy = self  # type: ignore[union-attr]
-
-    @override
-    def setup_environment(self) -> None:
-        super().setup_environment()
-        reset_seed()
-        self.set_world_ranks()
-        backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
-        self._process_group_backend = backend
-        kwargs: dict[str, Any] = {"timeout": self._timeout}
-        if self.root_device.type != "cpu":
-            kwargs["device_id"] = self.root_device
-        _init_dist_connection(self.cluster_environment, backend, **kwargs)
-        self._groups = PipelineGroups(self.topology, self.global_rank)
-        self._watch_parent()
-        self._data_seed = int(self.broadcast(int(torch.randint(0, 2**62, ()).item())))
-
-    def _watch_parent(self) -> None:
-        """In a child started by :class:`ScriptLauncher`: end this process if the main one is lost."""
-        parent = os.environ.get(PARENT_PID_ENV)
-        if parent is None or int(parent) != os.getppid() or self._parent_watch is not None:
-            return
-        topo, parent_rank = self.topology, self.global_rank - self.local_rank  # this node's main process
-        self._parent_watch = ParentWatch(int(parent), f"stage {topo.stage_of(parent_rank)} (rank {parent_rank})",
-                                         f"stage {self.stage} (rank {self.global_rank})")  # fmt: skip
-        self._parent_watch.start()
-
     # ------------------------------------------------------------------ setup
-
-    def _check_module(self, module: LightningModule) -> None:
-        """Everything about the module that can be checked before processes start."""
-        name = type(self).__name__
-        if not module.automatic_optimization:
-            raise PipelineConfigError(
-                f"{name} does not support manual optimization: the pipeline runs the backward passes and applies the "
-                "updates itself. Remove `self.automatic_optimization = False` and return the loss from training_step."
-            )
-        attr = find_pipelined(module, self.sequential)
-        check_parameters_inside(module, attr)
-        balance = self.balance
-        if balance in MEASURED_BALANCES:
-            layers = module.get_submodule(attr)
-            if not isinstance(layers, nn.Sequential):
-                raise PipelineConfigError(
-                    f"balance={self.balance!r} profiles the layers of an nn.Sequential, but '{attr}' is a "
-                    f"{type(layers).__name__}. Use balance='parameters', a list of block counts per stage, or "
-                    "split_points=[...]."
-                )
-            sequential_input(module, layers, self.microbatches)  # an example to profile?
-            balance = "uniform"  # the measured counts come at setup; enough layers?
-        # capture and split as setup will (a forward that cannot be captured, bad split points, too
-        # few blocks): in the main process, before any other starts
-        plan_partition(module, self.n_stages, balance, attr, self.split_points, self.leaf_modules,
-                       example_call(module, attr))  # fmt: skip
-
-    def _check_trainer(self, trainer: Trainer) -> None:
-        name = type(self).__name__
-        if trainer.accumulate_grad_batches != 1:
-            raise PipelineConfigError(
-                f"{name} does not support accumulate_grad_batches={trainer.accumulate_grad_batches}: gradients are "
-                "already accumulated over micro-batches. Use a larger batch (or more micro-batches) instead."
-            )
-        scaler = getattr(self.precision_plugin, "scaler", None)
-        if scaler is not None:
-            raise PipelineConfigError(
-                f"{name} does not support precision='16-mixed' (a gradient scaler cannot see the loss on every stage). "
-                "Use precision='bf16-mixed' or '32-true'."
-            )
 
     @override
     def setup(self, trainer: Trainer) -> None:
@@ -437,128 +255,12 @@ class AsyncPipeStrategy(ParallelStrategy):
                                     deferred=overlap, device=self.root_device)  # fmt: skip
         self._setup_stop_signals(trainer)
 
-    def _setup_stop_signals(self, trainer: Trainer) -> None:
-        """SIGTERM / SIGINT to any process stop every stage at the same step (:mod:`~lightning_asyncpipe.signals`).
-
-        Lightning's own SIGTERM handler broadcasts from inside the handler (a collective the other
-        ranks are not in) and its per-batch check blocks every stage on rank 0: both are replaced."""
-        if self._stop_signals is not None:
-            self._stop_signals.uninstall()
-        self._stop_signals = None
-        if self.world_size < 2:
-            return
-        topo = self.topology
-        self._stop_signals = StopSignals(self.global_rank, self.world_size, self.root_device,
-                                         lambda rank: f"stage {topo.stage_of(rank)} (rank {rank})")  # fmt: skip
-        self._stop_signals.install()
-        trainer._signal_connector._sigterm_notifier_fn = self._stop_signals.handler  # type: ignore[method-assign]
-        if trainer.state.fn == TrainerFn.FITTING:
-            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = self._check_stop  # type: ignore[method-assign]
-
-    def _check_stop(self) -> None:
-        """At each training step boundary: stop if any rank got a stop signal (agreed a step late)."""
-        assert self._stop_signals is not None
-        request = self._stop_signals.check()
-        if request is not None:
-            self._stop(request)
-
-    def _stop(self, request: StopRequest) -> None:
-        """Every rank, at the same step: drain, write a resumable checkpoint where a checkpoint
-        callback is configured, and end with ``128 + signum``."""
-        assert self._stop_signals is not None and self.lightning_module is not None
-        self._stop_signals.drain()
-        trainer = self.lightning_module.trainer
-        callback = trainer.checkpoint_callback
-        path = None
-        if callback is not None and getattr(callback, "dirpath", None):
-            path = os.path.join(str(callback.dirpath), "interrupted.ckpt")
-            trainer.save_checkpoint(path)  # drains the pipeline first
-        watch = getattr(self._launcher, "watch", None)
-        if watch is not None:
-            watch.stop()  # in the main process: the other stages now end on purpose
-        self.barrier()
-        where = request.describe(lambda rank: f"stage {self.topology.stage_of(rank)} (rank {rank})")
-        saved = f"resumable checkpoint: {path}" if path else "no checkpoint callback, so no checkpoint was written"
-        message = (f"stopped every stage after step {trainer.global_step} on {where}; {saved} "
-                   f"(exit status {128 + request.signum}).")  # fmt: skip
-        if self.global_rank == 0:
-            report(message)
-        raise StopRequested(request, message)
-
-    def _measured_balance(self, module: LightningModule) -> list[int]:
-        """``balance="time"`` / ``"memory"``: profile every layer on this rank's device, average the
-        costs over all ranks (so every rank partitions alike) and minimise the largest stage."""
-        layers = module.get_submodule(find_pipelined(module, self.sequential))
-        sample = sequential_input(module, layers, self.microbatches)
-        profiles = profile_layers(layers, sample, self.root_device, microbatches=self.microbatches,
-                                  defer_weight_grad=self.defer_weight_grad)  # fmt: skip
-        costs = layer_costs(profiles, str(self.balance), self.microbatches, self.n_stages)
-        everyone: list[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, costs)
-        costs = [sum(c[i] for c in everyone) / len(everyone) for i in range(len(costs))]
-        counts = balance_by_cost(costs, self.n_stages, [any(True for _ in layer.parameters()) for layer in layers])
-        self.measured_costs, self.resolved_balance = costs, counts
-        unit, scale = ("ms", 1e3) if self.balance == "time" else ("MiB", 2**-20)
-        per_stage, i = [], 0
-        for n in counts:
-            per_stage.append(sum(costs[i : i + n]) * scale)
-            i += n
-        log.info(f"balance={self.balance!r}: layers per stage {counts}, cost per stage "
-                 f"{[round(c, 2) for c in per_stage]} {unit} (per micro-batch)")  # fmt: skip
-        return counts
-
-    @override
-    def setup_optimizers(self, trainer: Trainer) -> None:
-        from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
-
-        def several(n: Any) -> PipelineConfigError:
-            return PipelineConfigError(
-                f"{type(self).__name__} supports exactly one optimizer, but configure_optimizers returned {n}. "
-                "Use one optimizer with several parameter groups instead (manual optimization is not supported)."
-            )
-
-        try:
-            optimizers, self.lr_scheduler_configs = _init_optimizers_and_lr_schedulers(self.lightning_module)
-        except (MisconfigurationException, RuntimeError) as err:  # Lightning's own check suggests manual optimization
-            if "multiple optimizers" in str(err):
-                raise several("several") from err
-            raise
-        if len(optimizers) != 1:
-            raise several(len(optimizers))
-        for opt in optimizers:
-            # The pipeline owns the gradients: partial sums of in-flight micro-batches must survive
-            # Lightning's zero_grad between steps. The executor clears gradients after each update.
-            opt.zero_grad = _keep_gradients  # type: ignore[method-assign]
-        self.optimizers = optimizers
-
     @override
     def model_to_device(self) -> None:
         assert self.model is not None
         self.model.to(self.root_device)
 
     # ------------------------------------------------------------------ training
-
-    def _user_step(self, fn: Callable[..., Any], args: tuple[Any, ...], training: bool) -> UserStep:
-        assert self._partition is not None and self._pipeline is not None
-        microbatches = split(args[0], self.microbatches)
-        first = self._pipeline.first_microbatch if training else 0
-        return UserStep(fn, microbatches, first, tuple(args[1:]), self._partition,
-                        microbatch_weights(microbatches), self._recorder, training)  # fmt: skip
-
-    def _recording(self) -> Any:
-        """While user steps run, ``self.log`` goes to the recorder."""
-        module = self.lightning_module
-        assert module is not None
-        recorder = self._recorder
-
-        class _Recording:
-            def __enter__(self) -> None:
-                module.log = recorder  # type: ignore[method-assign]
-
-            def __exit__(self, *exc: Any) -> None:
-                del module.log
-
-        return _Recording()
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -575,30 +277,6 @@ class AsyncPipeStrategy(ParallelStrategy):
             self._replay_pending()  # the epoch's (or fit's) last records, on every stage
         self._account_step(args[0], started, drain_due)
         return output
-
-    def _account_step(self, batch: Any, started: float, window_end: bool) -> None:
-        """Feed this step's timings to the timeline and the metrics; log the metrics when due."""
-        assert self._executor is not None and self._pipeline is not None and self._policy is not None
-        timings = self._executor.pop_timings()
-        if self.timeline is not None:
-            self.timeline.record(self._pipeline.step - 1, timings)
-        if self._metrics is None:
-            return
-        previous, self._last_step_start = self._last_step_start, started
-        samples = batch_size(batch) * self.topology.n_replicas if previous is not None else 0
-        self._metrics.update(timings, self._policy.report(), self._executor.pop_peak_activation_bytes(),
-                             samples, samples * _tokens_per_sample(batch), started - previous if previous else 0.0)  # fmt: skip
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        every = max(1, trainer.log_every_n_steps) if trainer is not None else 50
-        if window_end or self._pipeline.step % every == 0:
-            assert self.lightning_module is not None
-            for name, value in self._metrics.compute().items():
-                self.lightning_module.log(name, value, on_step=True, on_epoch=False)
-
-    def gather_timeline(self) -> list[TimelineEvent]:
-        """Every stage's recorded timeline events of this replica (collective over the pipeline)."""
-        local = self.timeline.events if self.timeline is not None else []
-        return merge_timeline(self._gather_stages(local))
 
     def _drain_due(self) -> bool:
         """Whether this step ends an epoch or the fit: the pipeline must be empty afterwards."""
@@ -634,101 +312,6 @@ class AsyncPipeStrategy(ParallelStrategy):
                 self._shared.settle()
         if self._handoff is not None:
             self._pending_payloads += self._handoff.flush()
-
-    def _hand_off(self, output: Any, records: list[LogRecord], training: bool) -> Any:
-        """Give every stage of this replica the last stage's step output and log records, and log them.
-
-        Asynchronous training steps get the last stage's payload one step late (see
-        :mod:`lightning_asyncpipe.handoff`) and return the latest output they have (a NaN loss
-        before the first one arrives); evaluation steps always exchange at once.
-        """
-        assert self._handoff is not None and self._pipeline is not None
-        sent = [LogRecord(r.name, _to_cpu(r.value), r.kwargs) for r in records if _is_plain_value(r.value)]
-        payload = (_to_cpu(output), sent)
-        if training:
-            payloads = self._handoff.exchange(self._pipeline.step - 1, payload)
-        else:
-            payloads = self._handoff.broadcast(payload)
-        self._replay_payloads(payloads, records)
-        if self._handoff.is_source:
-            return output
-        if training and self._last_output is None:
-            return {"loss": torch.tensor(float("nan"), device=self.root_device)}
-        return _to_device(self._last_output, self.root_device)
-
-    def _replay_payloads(self, payloads: list[Any], own_records: Optional[list[LogRecord]] = None) -> None:
-        assert self._handoff is not None
-        for payload_output, payload_records in payloads:
-            # the last stage replays its own records, torchmetrics objects included
-            self._replay(own_records if self._handoff.is_source and own_records is not None else payload_records)
-            self._last_output = payload_output
-
-    def _replay_pending(self) -> None:
-        """Log the payloads a drain collected (a drain may run in hooks where logging is not allowed)."""
-        payloads, self._pending_payloads = self._pending_payloads, []
-        self._replay_payloads(payloads)
-
-    def _replay(self, records: list[LogRecord]) -> None:
-        module = self.lightning_module
-        assert module is not None
-        for r in records:
-            module.log(r.name, _to_device(r.value, self.root_device), **r.kwargs)
-
-    def _apply_update(self, batch: int, step_fn: Optional[StepFn] = None) -> None:
-        """One optimizer update of this stage's live weights (called by the policy at a ``U`` action)."""
-        assert self.lightning_module is not None
-        optimizer = self.optimizers[0]
-        if self._shared:
-            self._shared.before_update(batch)  # the owner of a shared parameter gets the holders' gradients
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if self.topology.n_replicas > 1:
-            grads = [p.grad for p in params if p.grad is not None]
-            if grads:
-                flat = torch._utils._flatten_dense_tensors(grads)
-                dist.all_reduce(flat, group=self._groups.stage if self._groups else None)
-                flat /= self.topology.n_replicas
-                for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                    g.copy_(synced)
-        # on_before_optimizer_step hooks and gradient clipping, as Lightning runs them after a closure
-        self.precision_plugin._after_closure(self.lightning_module, optimizer)
-        if step_fn is None:
-            optimizer.step()
-        else:
-            step_fn(optimizer)
-        for group in optimizer.param_groups:  # the policy may have swapped parameters in
-            for p in group["params"]:
-                p.grad = None
-        if self._shared:
-            self._shared.after_update()  # the owner sends the new weights to the other holders
-
-    def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
-        """Clip by the norm over *all* stages for synchronous policies (exactly what one device does),
-        by the stage's own norm for asynchronous ones (stages update at different times)."""
-        assert self._policy is not None
-        params = [p for p in self.precision_plugin.main_params(optimizer) if p.grad is not None]
-        grads = [p.grad for p in params]
-        device = grads[0].device if grads else self.root_device
-        # float32 at least, float64 for a float64 model (every stage: the sum is all-reduced)
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.precision_plugin.main_params(optimizer)) \
-            else torch.float32  # fmt: skip
-        squared = torch.zeros((), dtype=dtype, device=device)
-        for p in params:  # a shared parameter is its owner's only
-            squared += p.grad.detach().to(dtype).pow(2).sum()
-        if self._policy.synchronous and self.topology.n_stages > 1:
-            dist.all_reduce(squared, group=self._groups.pipeline if self._groups else None)
-        coef = torch.clamp(float(clip_val) / (squared.sqrt() + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.dtype))
-
-    @override
-    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
-        # the executor has already backpropagated every micro-batch inside training_step
-        return closure_loss
-
-    @override
-    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
-        # Running the closure runs training_step, i.e. the pipeline, whose U actions apply the updates.
-        return closure()
 
     # ------------------------------------------------------------------ evaluation
 
@@ -784,107 +367,7 @@ class AsyncPipeStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ collectives
 
-    @override
-    def barrier(self, name: Optional[str] = None) -> None:
-        if _distributed_is_initialized():
-            dist.barrier()
-
-    @override
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not _distributed_is_initialized():
-            return obj
-        payload = [obj]
-        dist.broadcast_object_list(payload, src, group=_group.WORLD, device=_object_device(self.root_device))
-        return payload[0]
-
-    @override
-    def reduce(self, tensor: Union[Tensor, Any], group: Optional[Any] = None,
-               reduce_op: Optional[Union[Any, str]] = "mean") -> Union[Tensor, Any]:  # fmt: skip
-        if isinstance(tensor, Tensor):
-            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
-        return tensor
-
     # ------------------------------------------------------------------ checkpoints
-
-    def _gather_stages_to_zero(self, local: Any) -> Optional[list[Any]]:
-        assert self._groups is not None
-        return self._groups.gather_to_zero(_to_cpu(local))
-
-    def _gather_stages(self, local: Any) -> list[Any]:
-        assert self._groups is not None
-        return self._groups.all_gather(_to_cpu(local))
-
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        assert self.lightning_module is not None
-        if self._partition is None:  # after teardown every rank holds the whole, drained module again
-            return self.lightning_module.state_dict()
-        self.drain()  # a checkpoint holds no half-applied batch
-        parts = self._gather_stages_to_zero(self.lightning_module.state_dict())
-        return {} if parts is None else {k: v for part in parts for k, v in part.items()}
-
-    @override
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        module = self.lightning_module
-        assert module is not None
-        # each stage's optimizer holds its own layers' state, during fit and after teardown alike
-        parts = self._gather_stages_to_zero(optimizer_state_by_name(optimizer, module))
-        if parts is None:
-            return {}
-        if self._partition is not None:
-            prefix = self._partition.attr + "."
-            order = [prefix + n for n, _ in _named_parameters_of(self._partition)]
-        else:  # after teardown: the module is whole again
-            order = [n for n, _ in module.named_parameters(remove_duplicate=False)]
-        return merge_optimizer_states(parts, order)
-
-    @override
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        module = self.lightning_module
-        assert module is not None
-        try:
-            super().load_model_state_dict(checkpoint, strict=strict)
-        except RuntimeError as err:  # missing / unexpected keys, size mismatches
-            raise PipelineConfigError(
-                f"The checkpoint's weights do not fit {type(module).__name__}: it was written for another model (or "
-                f"another configuration of it). Check ckpt_path. PyTorch reports: {err}"
-            ) from err
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        # Lightning restores the training state (loops, then optimizers) through this hook when
-        # fitting: the pipeline's own state comes back with the optimizer's.
-        assert self.lightning_module is not None
-        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
-            load_optimizer_state_by_name(optimizer, self.lightning_module, saved)
-        self._load_pipeline_state(checkpoint.get(PIPELINE_STATE_KEY))
-
-    def _load_pipeline_state(self, saved: Optional[Mapping[str, Any]]) -> None:
-        """Continue the step counter and the policy's state (stashed versions, velocity, counters)."""
-        assert self._pipeline is not None and self._policy is not None
-        if saved is None:
-            return  # a checkpoint without pipeline state (e.g. of a plain run): start the policy fresh
-        if saved["policy"] != self._policy.name and not (
-            self._policy.synchronous and policy_class(saved["policy"]).synchronous
-        ):
-            raise PipelineConfigError(
-                f"This checkpoint was written with policy {saved['policy']!r}; resuming it with {self._policy.name!r} "
-                "would continue from weight versions the new policy does not have. Resume with "
-                f"policy={saved['policy']!r}, or load only the weights (Model.load_from_checkpoint) and fit afresh."
-            )
-        self._pipeline.load_state_dict(saved)
-        if self._shared:
-            self._shared.restart(saved.get("tensors"))
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
-        """Add the drained pipeline's state (collective: every rank calls it, as Lightning does)."""
-        if self._fit_pipeline is not None and self.optimizers and "optimizer_states" in checkpoint:
-            self.drain()  # already drained by lightning_module_state_dict; a no-op then
-            parts = self._gather_stages_to_zero(self._fit_pipeline.state_dict())
-            if parts is not None:
-                checkpoint[PIPELINE_STATE_KEY] = merge_pipeline_states(parts)
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     # ------------------------------------------------------------------ teardown
 
@@ -930,42 +413,6 @@ class AsyncPipeStrategy(ParallelStrategy):
         for name in available_policies():
             strategy_registry.register(name, cls, description=f"AsyncPipeStrategy(policy={name!r})", policy=name,
                                        override=True)  # fmt: skip
-
-
-def _tokens_per_sample(batch: Any) -> int:
-    """Sequence length when the batch's first tensor holds token ids (integers, ``[B, T, ...]``), else 0."""
-    first = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
-    if isinstance(first, Tensor) and not first.is_floating_point() and first.dim() >= 2:
-        return int(first[0].numel())
-    return 0
-
-
-def _is_plain_value(value: Any) -> bool:
-    return isinstance(value, (Tensor, int, float, bool))
-
-
-def _keep_gradients(set_to_none: bool = True) -> None:
-    """Stands in for ``optimizer.zero_grad`` while the pipeline owns the gradients."""
-
-
-def _named_parameters_of(part: Partition) -> list[tuple[str, Any]]:
-    return [(n, p) for n, p in part.original.named_parameters(remove_duplicate=False)]
-
-
-def _object_device(device: torch.device) -> Optional[torch.device]:
-    return device if device.type == "cuda" else None
-
-
-def _to_cpu(obj: Any) -> Any:
-    from lightning.fabric.utilities.apply_func import move_data_to_device
-
-    return move_data_to_device(obj, torch.device("cpu"))
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    from lightning.fabric.utilities.apply_func import move_data_to_device
-
-    return move_data_to_device(obj, device)
 
 
 AsyncPipeStrategy.register_strategies(StrategyRegistry)

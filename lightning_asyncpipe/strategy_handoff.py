@@ -1,0 +1,131 @@
+"""The strategy's user-code side: the user's steps split into micro-batches, what they log recorded
+on the stage that runs them and replayed on every stage, the step output handed to every stage,
+and the per-step timings fed to metrics and the timeline (mixed into
+:class:`~lightning_asyncpipe.strategy.AsyncPipeStrategy`)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_asyncpipe.microbatch import batch_size, microbatch_weights, split
+from lightning_asyncpipe.trace import TimelineEvent
+from lightning_asyncpipe.trace import merge as merge_timeline
+from lightning_asyncpipe.user_step import LogRecord, UserStep
+
+__all__ = ["HandOffGlue"]
+
+
+class HandOffGlue:
+    """Mixin of :class:`~lightning_asyncpipe.strategy.AsyncPipeStrategy`; see the module docstring."""
+
+    def _user_step(self, fn: Callable[..., Any], args: tuple[Any, ...], training: bool) -> UserStep:
+        assert self._partition is not None and self._pipeline is not None
+        microbatches = split(args[0], self.microbatches)
+        first = self._pipeline.first_microbatch if training else 0
+        return UserStep(fn, microbatches, first, tuple(args[1:]), self._partition,
+                        microbatch_weights(microbatches), self._recorder, training)  # fmt: skip
+
+    def _recording(self) -> Any:
+        """While user steps run, ``self.log`` goes to the recorder."""
+        module = self.lightning_module
+        assert module is not None
+        recorder = self._recorder
+
+        class _Recording:
+            def __enter__(self) -> None:
+                module.log = recorder  # type: ignore[method-assign]
+
+            def __exit__(self, *exc: Any) -> None:
+                del module.log
+
+        return _Recording()
+
+    def _account_step(self, batch: Any, started: float, window_end: bool) -> None:
+        """Feed this step's timings to the timeline and the metrics; log the metrics when due."""
+        assert self._executor is not None and self._pipeline is not None and self._policy is not None
+        timings = self._executor.pop_timings()
+        if self.timeline is not None:
+            self.timeline.record(self._pipeline.step - 1, timings)
+        if self._metrics is None:
+            return
+        previous, self._last_step_start = self._last_step_start, started
+        samples = batch_size(batch) * self.topology.n_replicas if previous is not None else 0
+        self._metrics.update(timings, self._policy.report(), self._executor.pop_peak_activation_bytes(),
+                             samples, samples * _tokens_per_sample(batch), started - previous if previous else 0.0)  # fmt: skip
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        every = max(1, trainer.log_every_n_steps) if trainer is not None else 50
+        if window_end or self._pipeline.step % every == 0:
+            assert self.lightning_module is not None
+            for name, value in self._metrics.compute().items():
+                self.lightning_module.log(name, value, on_step=True, on_epoch=False)
+
+    def gather_timeline(self) -> list[TimelineEvent]:
+        """Every stage's recorded timeline events of this replica (collective over the pipeline)."""
+        local = self.timeline.events if self.timeline is not None else []
+        return merge_timeline(self._gather_stages(local))
+
+    def _hand_off(self, output: Any, records: list[LogRecord], training: bool) -> Any:
+        """Give every stage of this replica the last stage's step output and log records, and log them.
+
+        Asynchronous training steps get the last stage's payload one step late (see
+        :mod:`lightning_asyncpipe.handoff`) and return the latest output they have (a NaN loss
+        before the first one arrives); evaluation steps always exchange at once.
+        """
+        assert self._handoff is not None and self._pipeline is not None
+        sent = [LogRecord(r.name, _to_cpu(r.value), r.kwargs) for r in records if _is_plain_value(r.value)]
+        payload = (_to_cpu(output), sent)
+        if training:
+            payloads = self._handoff.exchange(self._pipeline.step - 1, payload)
+        else:
+            payloads = self._handoff.broadcast(payload)
+        self._replay_payloads(payloads, records)
+        if self._handoff.is_source:
+            return output
+        if training and self._last_output is None:
+            return {"loss": torch.tensor(float("nan"), device=self.root_device)}
+        return _to_device(self._last_output, self.root_device)
+
+    def _replay_payloads(self, payloads: list[Any], own_records: Optional[list[LogRecord]] = None) -> None:
+        assert self._handoff is not None
+        for payload_output, payload_records in payloads:
+            # the last stage replays its own records, torchmetrics objects included
+            self._replay(own_records if self._handoff.is_source and own_records is not None else payload_records)
+            self._last_output = payload_output
+
+    def _replay_pending(self) -> None:
+        """Log the payloads a drain collected (a drain may run in hooks where logging is not allowed)."""
+        payloads, self._pending_payloads = self._pending_payloads, []
+        self._replay_payloads(payloads)
+
+    def _replay(self, records: list[LogRecord]) -> None:
+        module = self.lightning_module
+        assert module is not None
+        for r in records:
+            module.log(r.name, _to_device(r.value, self.root_device), **r.kwargs)
+
+
+def _tokens_per_sample(batch: Any) -> int:
+    """Sequence length when the batch's first tensor holds token ids (integers, ``[B, T, ...]``), else 0."""
+    first = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if isinstance(first, Tensor) and not first.is_floating_point() and first.dim() >= 2:
+        return int(first[0].numel())
+    return 0
+
+
+def _is_plain_value(value: Any) -> bool:
+    return isinstance(value, (Tensor, int, float, bool))
+
+
+def _to_cpu(obj: Any) -> Any:
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(obj, torch.device("cpu"))
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(obj, device)

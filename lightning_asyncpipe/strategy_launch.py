@@ -1,0 +1,232 @@
+"""The strategy's process side: topology, launch, process groups, data sharding over replicas,
+collectives, and stopping every stage together on a signal (mixed into
+:class:`~lightning_asyncpipe.strategy.AsyncPipeStrategy`)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.distributed import group as _group
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import _Stateful
+from lightning.pytorch import Trainer
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch import Tensor
+from torch.utils.data import RandomSampler
+from typing_extensions import override
+
+from lightning_asyncpipe.comm import PipelineGroups
+from lightning_asyncpipe.data import ResumableLoader
+from lightning_asyncpipe.launch import ScriptLauncher, SpawnLauncher
+from lightning_asyncpipe.signals import StopRequest, StopRequested, StopSignals
+from lightning_asyncpipe.policies import get_policy
+from lightning_asyncpipe.topology import Topology
+from lightning_asyncpipe.watchdog import PARENT_PID_ENV, ParentWatch, report
+
+__all__ = ["LaunchGlue"]
+
+
+class LaunchGlue:
+    """Mixin of :class:`~lightning_asyncpipe.strategy.AsyncPipeStrategy`; see the module docstring."""
+
+    @property
+    def is_distributed(self) -> bool:
+        # Lightning injects a DistributedSampler (sharding over replicas) and syncs `sync_dist` logs
+        # only when this is True. With one replica every stage must read exactly the user's own
+        # batches, as a single-device run would: see `process_dataloader`.
+        return self.topology.n_replicas > 1
+
+    @override
+    def process_dataloader(self, dataloader: Any) -> Any:
+        """Make a shuffling sampler draw the same order on every stage of a pipeline, and keep the
+        training loader's position in checkpoints (:class:`~lightning_asyncpipe.data.ResumableLoader`).
+
+        With one replica the user's sampler is kept (single-device semantics); a ``RandomSampler``
+        without its own generator would draw from each process's global RNG, which diverges as
+        stages consume different amounts of randomness (dropout), so it gets a generator seeded
+        identically on every rank.
+        """
+        sampler = getattr(dataloader, "sampler", None)
+        if isinstance(sampler, RandomSampler) and sampler.generator is None and self._data_seed is not None:
+            sampler.generator = torch.Generator().manual_seed(self._data_seed)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        training = trainer is not None and trainer.state.stage == RunningStage.TRAINING
+        if training and not isinstance(dataloader, _Stateful) and hasattr(dataloader, "__len__"):
+            return ResumableLoader(dataloader, self._data_position)
+        return dataloader
+
+    def _data_position(self) -> tuple[int, bool]:
+        """Batches of the current epoch trained so far, and whether the epoch is complete."""
+        assert self.lightning_module is not None
+        trainer = self.lightning_module.trainer
+        trained = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return trained, trained >= trainer.num_training_batches
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def n_stages(self) -> int:
+        return self._stages if self._stages is not None else self.num_processes * self.num_nodes
+
+    @property
+    def topology(self) -> Topology:
+        """The rank layout; available once the Trainer knows the devices."""
+        if self._topology is None:
+            self._topology = Topology(self.num_nodes * self.num_processes, self.n_stages)
+        return self._topology
+
+    @property
+    def stage(self) -> int:
+        return self.topology.stage_of(self.global_rank)
+
+    @property
+    def replica(self) -> int:
+        return self.topology.replica_of(self.global_rank)
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # every stage of a replica reads the same batches: shard over replicas, not over the world
+        return {"num_replicas": self.topology.n_replicas, "rank": self.replica}
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = self.global_rank
+
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        self._topology = None
+        self.topology  # noqa: B018  (devices not divisible by stages fail here, before any launch)
+        policy = get_policy(self.policy_name, **self.policy_options)
+        policy.validate(self.n_stages, self.microbatches)
+        if self._start_method == "popen":
+            self._launcher = ScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = SpawnLauncher(self, start_method=self._start_method)
+        self._launcher.strategy = self  # type: ignore[union-attr]
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        reset_seed()
+        self.set_world_ranks()
+        backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+        self._process_group_backend = backend
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        if self.root_device.type != "cpu":
+            kwargs["device_id"] = self.root_device
+        _init_dist_connection(self.cluster_environment, backend, **kwargs)
+        self._groups = PipelineGroups(self.topology, self.global_rank)
+        self._watch_parent()
+        self._data_seed = int(self.broadcast(int(torch.randint(0, 2**62, ()).item())))
+
+    def _watch_parent(self) -> None:
+        """In a child started by :class:`ScriptLauncher`: end this process if the main one is lost."""
+        parent = os.environ.get(PARENT_PID_ENV)
+        if parent is None or int(parent) != os.getppid() or self._parent_watch is not None:
+            return
+        topo, parent_rank = self.topology, self.global_rank - self.local_rank  # this node's main process
+        self._parent_watch = ParentWatch(int(parent), f"stage {topo.stage_of(parent_rank)} (rank {parent_rank})",
+                                         f"stage {self.stage} (rank {self.global_rank})")  # fmt: skip
+        self._parent_watch.start()
+
+    def _setup_stop_signals(self, trainer: Trainer) -> None:
+        """SIGTERM / SIGINT to any process stop every stage at the same step (:mod:`~lightning_asyncpipe.signals`).
+
+        Lightning's own SIGTERM handler broadcasts from inside the handler (a collective the other
+        ranks are not in) and its per-batch check blocks every stage on rank 0: both are replaced."""
+        if self._stop_signals is not None:
+            self._stop_signals.uninstall()
+        self._stop_signals = None
+        if self.world_size < 2:
+            return
+        topo = self.topology
+        self._stop_signals = StopSignals(self.global_rank, self.world_size, self.root_device,
+                                         lambda rank: f"stage {topo.stage_of(rank)} (rank {rank})")  # fmt: skip
+        self._stop_signals.install()
+        trainer._signal_connector._sigterm_notifier_fn = self._stop_signals.handler  # type: ignore[method-assign]
+        if trainer.state.fn == TrainerFn.FITTING:
+            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = self._check_stop  # type: ignore[method-assign]
+
+    def _check_stop(self) -> None:
+        """At each training step boundary: stop if any rank got a stop signal (agreed a step late)."""
+        assert self._stop_signals is not None
+        request = self._stop_signals.check()
+        if request is not None:
+            self._stop(request)
+
+    def _stop(self, request: StopRequest) -> None:
+        """Every rank, at the same step: drain, write a resumable checkpoint where a checkpoint
+        callback is configured, and end with ``128 + signum``."""
+        assert self._stop_signals is not None and self.lightning_module is not None
+        self._stop_signals.drain()
+        trainer = self.lightning_module.trainer
+        callback = trainer.checkpoint_callback
+        path = None
+        if callback is not None and getattr(callback, "dirpath", None):
+            path = os.path.join(str(callback.dirpath), "interrupted.ckpt")
+            trainer.save_checkpoint(path)  # drains the pipeline first
+        watch = getattr(self._launcher, "watch", None)
+        if watch is not None:
+            watch.stop()  # in the main process: the other stages now end on purpose
+        self.barrier()
+        where = request.describe(lambda rank: f"stage {self.topology.stage_of(rank)} (rank {rank})")
+        saved = f"resumable checkpoint: {path}" if path else "no checkpoint callback, so no checkpoint was written"
+        message = (f"stopped every stage after step {trainer.global_step} on {where}; {saved} "
+                   f"(exit status {128 + request.signum}).")  # fmt: skip
+        if self.global_rank == 0:
+            report(message)
+        raise StopRequested(request, message)
+
+    @override
+    def barrier(self, name: Optional[str] = None) -> None:
+        if _distributed_is_initialized():
+            dist.barrier()
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        payload = [obj]
+        dist.broadcast_object_list(payload, src, group=_group.WORLD, device=_object_device(self.root_device))
+        return payload[0]
+
+    @override
+    def reduce(self, tensor: Union[Tensor, Any], group: Optional[Any] = None,
+               reduce_op: Optional[Union[Any, str]] = "mean") -> Union[Tensor, Any]:  # fmt: skip
+        if isinstance(tensor, Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+
+def _object_device(device: torch.device) -> Optional[torch.device]:
+    return device if device.type == "cuda" else None
