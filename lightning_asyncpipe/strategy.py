@@ -46,6 +46,7 @@ from lightning_asyncpipe.strategy_checks import ChecksGlue
 from lightning_asyncpipe.strategy_handoff import HandOffGlue
 from lightning_asyncpipe.strategy_launch import LaunchGlue
 from lightning_asyncpipe.strategy_state import StateGlue
+from lightning_asyncpipe.metric_sync import sync_states, use_group
 from lightning_asyncpipe.tied import SharedParameters
 from lightning_asyncpipe.signals import StopRequested, StopSignals
 from lightning_asyncpipe.policies import WeightPolicy, available_policies, get_policy, policy_class
@@ -156,6 +157,7 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         self.split_points = list(split_points) if split_points is not None else None
         self.leaf_modules = tuple(leaf_modules)
         self._shared: Optional[SharedParameters] = None
+        self._wrapped_hooks: list[str] = []
         self._stages = stages
         self._num_nodes = 1
         self._process_group_backend = process_group_backend
@@ -243,7 +245,8 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         if trainer.state.fn == TrainerFn.FITTING:
             # checkpoints hold this one's state, also when saved after fit and a later validate/test
             self._fit_pipeline = self._pipeline
-        self._drain_before_validation_zero_grad(module)
+        use_group(module, self._groups.stage)  # metric objects synchronise over the replicas of the stage
+        self._wrap_hooks(module)
         self._metrics = PipelineMetrics(topo.n_stages, stage, self._groups.pipeline) if self.pipeline_metrics else None
         self._last_step_start = None
         # No stage waits for the last one at step boundaries: asynchronous policies would get their
@@ -290,19 +293,36 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         final_step = max_steps is not None and trainer.global_step + 1 >= max_steps
         return bool(last_batch or final_step)
 
-    def _drain_before_validation_zero_grad(self, module: LightningModule) -> None:
-        """Lightning clears the module's gradients (``on_validation_model_zero_grad``) before a
-        validation run inside fit, which would wipe the partial gradients of micro-batches still in
-        flight: drain first."""
-        if "on_validation_model_zero_grad" in vars(module):
-            return
-        original = module.on_validation_model_zero_grad
+    def _wrap_hooks(self, module: LightningModule) -> None:
+        """Run something before some of the module's hooks (on this instance; undone at teardown):
 
-        def drain_then_zero_grad() -> None:
-            self.drain()
-            original()
+        - ``on_validation_model_zero_grad``: Lightning clears the gradients before a validation run
+          inside fit, which would wipe the partial gradients of micro-batches still in flight:
+          drain first;
+        - ``on_train_epoch_end``: the metric objects take the last stage's state on every stage
+          first (:meth:`_sync_metrics`), so that ``compute()`` in the hook and in Lightning's
+          epoch-end logging agrees on every rank (evaluation syncs after its last batch, where
+          Lightning computes the logged metrics, before the epoch-end hooks)."""
+        before = {"on_validation_model_zero_grad": self.drain, "on_train_epoch_end": self._sync_metrics}
+        for name, first in before.items():
+            if name in vars(module):
+                continue
+            original = getattr(module, name)
 
-        module.on_validation_model_zero_grad = drain_then_zero_grad  # type: ignore[method-assign]
+            def hook(*args: Any, _original: Any = original, _first: Any = first, **kwargs: Any) -> Any:
+                _first()
+                return _original(*args, **kwargs)
+
+            setattr(module, name, hook)
+            self._wrapped_hooks.append(name)
+
+    def _sync_metrics(self) -> None:
+        """The last stage's torchmetrics states on every stage of this replica (collective over the
+        pipeline; :mod:`~lightning_asyncpipe.metric_sync`)."""
+        topo, module = self.topology, self.lightning_module
+        assert module is not None
+        sync_states(module, topo.rank_of(topo.n_stages - 1, self.replica), self._groups.pipeline if self._groups else None,
+                    self.global_rank)  # fmt: skip
 
     def drain(self) -> None:
         """Complete the micro-batches in flight and apply their updates (all stages call it together)."""
@@ -324,10 +344,13 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
             self._executor.pop_timings()  # evaluation does not count in the training metrics
         output = step.merged_outputs() if step.outputs else None
         records = self._recorder.pop()
-        if not share_output:
-            self._hand_off(None, records, training=False)
-            return output
-        return self._hand_off(output, records, training=False)
+        shared = self._hand_off(output if share_output else None, records, training=False)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None and (trainer.validating or trainer.testing or trainer.sanity_checking):
+            if trainer._evaluation_loop.batch_progress.is_last_batch:
+                # Lightning computes the logged metric objects right after the last batch
+                self._sync_metrics()
+        return shared if share_output else output
 
     @override
     def on_validation_start(self) -> None:
@@ -380,8 +403,10 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
     @override
     def teardown(self) -> None:
         module = self.lightning_module
-        if module is not None and "on_validation_model_zero_grad" in vars(module):
-            del module.on_validation_model_zero_grad
+        for name in self._wrapped_hooks:
+            if module is not None and name in vars(module):
+                delattr(module, name)
+        self._wrapped_hooks = []
         if self._executor is not None:
             self._executor.close()  # the layers get their own forward back
         if self._partition is not None and module is not None:

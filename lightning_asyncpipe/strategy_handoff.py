@@ -10,6 +10,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from lightning_asyncpipe.metric_sync import MetricRef, metric_ref
+from lightning_asyncpipe.metric_sync import resolve as resolve_metric
 from lightning_asyncpipe.microbatch import batch_size, microbatch_weights, split
 from lightning_asyncpipe.trace import TimelineEvent
 from lightning_asyncpipe.trace import merge as merge_timeline
@@ -75,7 +77,7 @@ class HandOffGlue:
         before the first one arrives); evaluation steps always exchange at once.
         """
         assert self._handoff is not None and self._pipeline is not None
-        sent = [LogRecord(r.name, _to_cpu(r.value), r.kwargs) for r in records if _is_plain_value(r.value)]
+        sent = [s for s in (self._sendable(r) for r in records) if s is not None]
         payload = (_to_cpu(output), sent)
         if training:
             payloads = self._handoff.exchange(self._pipeline.step - 1, payload)
@@ -100,11 +102,20 @@ class HandOffGlue:
         payloads, self._pending_payloads = self._pending_payloads, []
         self._replay_payloads(payloads)
 
+    def _sendable(self, record: LogRecord) -> Optional[LogRecord]:
+        """The record as it crosses to the other stages: values on the CPU, metric objects by name."""
+        if _is_plain_value(record.value):
+            return LogRecord(record.name, _to_cpu(record.value), record.kwargs)
+        assert self.lightning_module is not None
+        ref = metric_ref(self.lightning_module, record.value)
+        return LogRecord(record.name, ref, record.kwargs) if ref is not None else None
+
     def _replay(self, records: list[LogRecord]) -> None:
         module = self.lightning_module
         assert module is not None
         for r in records:
-            module.log(r.name, _to_device(r.value, self.root_device), **r.kwargs)
+            value = resolve_metric(module, r.value) if isinstance(r.value, MetricRef) else _to_device(r.value, self.root_device)
+            module.log(r.name, value, **r.kwargs)
 
 
 def _tokens_per_sample(batch: Any) -> int:

@@ -207,8 +207,20 @@ class LaunchGlue:
             report(message)
         raise StopRequested(request, message)
 
+    @property
+    @override
+    def world_size(self) -> int:
+        # While Lightning runs the setup hooks (DataModule.setup sizes per-device batches and
+        # samplers as `batch_size // trainer.world_size`, the data-parallel convention), the world
+        # is the data-parallel replicas: every pipeline gets the user's whole batch.
+        if getattr(self, "_in_setup_hooks", False):
+            return self.topology.n_replicas
+        return super().world_size  # type: ignore[misc]
+
     @override
     def barrier(self, name: Optional[str] = None) -> None:
+        if name in ("pre_setup", "post_setup"):  # around the setup hooks (lightning/pytorch/trainer/call.py)
+            self._in_setup_hooks = name == "pre_setup"
         if _distributed_is_initialized():
             dist.barrier()
 
@@ -223,9 +235,24 @@ class LaunchGlue:
     @override
     def reduce(self, tensor: Union[Tensor, Any], group: Optional[Any] = None,
                reduce_op: Optional[Union[Any, str]] = "mean") -> Union[Tensor, Any]:  # fmt: skip
+        """``sync_dist`` logging: over the replicas of this stage (every stage logs the same values, the
+        last stage's, replayed), never the world, which the other stages do not enter at that point."""
         if isinstance(tensor, Tensor):
+            if group is None:
+                if self.topology.n_replicas == 1:
+                    return tensor
+                group = self._groups.stage if self._groups is not None else None
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
+
+    @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        """Over every process (callbacks such as ModelCheckpoint and EarlyStopping call it on all ranks)."""
+        if not _distributed_is_initialized():
+            return decision
+        votes = torch.tensor(int(decision), device=self.root_device)
+        dist.all_reduce(votes, op=dist.ReduceOp.SUM)
+        return bool(votes == dist.get_world_size()) if all else bool(votes)
 
 
 def _object_device(device: torch.device) -> Optional[torch.device]:

@@ -4,6 +4,7 @@ optimizer state and pipeline state (mixed into :class:`~lightning_asyncpipe.stra
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
@@ -11,7 +12,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -192,7 +193,35 @@ class StateGlue:
             parts = self._gather_stages_to_zero(self._fit_pipeline.state_dict())
             if parts is not None:
                 checkpoint[PIPELINE_STATE_KEY] = merge_pipeline_states(parts)
+        if self.is_global_zero and self._partition is not None and "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = _whole_hparams(checkpoint["hyper_parameters"], self._partition,
+                                                            checkpoint.get("state_dict", {}))  # fmt: skip
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+
+def _whole_hparams(hparams: Mapping[str, Any], part: Partition, state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """``hparams`` with every module that holds this stage's stand-in of the pipelined module (a net
+    passed to ``__init__`` and saved with ``save_hyperparameters``, as lightning-hydra-template does)
+    replaced by a copy of the whole module with the checkpoint's weights: what a single-device
+    checkpoint pickles, and what ``load_from_checkpoint`` rebuilds the module from."""
+    whole: Optional[nn.Module] = None
+    out = dict(hparams)
+    for key, value in hparams.items():
+        if not isinstance(value, nn.Module) or not any(m is part.local for m in value.modules()):
+            continue
+        if whole is None:
+            whole = copy.deepcopy(part.original)
+            for m in whole.modules():
+                m.__dict__.pop("forward", None)  # the deferred-weight-gradient forwards of linear layers
+                for name, t in [*m._parameters.items(), *m._buffers.items()]:
+                    if t is not None and t.is_meta:
+                        holder = m._parameters if name in m._parameters else m._buffers
+                        fresh = torch.zeros_like(t, device="cpu")
+                        holder[name] = nn.Parameter(fresh, t.requires_grad) if isinstance(t, nn.Parameter) else fresh
+            prefix = part.attr + "."
+            whole.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=False)
+        out[key] = copy.deepcopy(value, memo={id(part.local): whole})
+    return out
 
 
 def _keep_gradients(set_to_none: bool = True) -> None:
