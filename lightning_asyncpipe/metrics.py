@@ -142,7 +142,7 @@ class PipelineMetrics:
             "stashed_bytes": self.stashed_bytes, "activation_bytes": self.activation_bytes,
         }  # fmt: skip
         for name, metric in per_stage.items():
-            vector = metric.compute()
+            vector = metric.compute().reshape(-1)  # one stage: a 0-dim result
             for s in range(self.n_stages):
                 values[f"pipeline/stage{s}/{name}"] = float(vector[s])
         for name, value in self.throughput.compute().items():

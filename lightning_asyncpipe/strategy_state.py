@@ -51,6 +51,16 @@ class StateGlue:
             if "multiple optimizers" in str(err):
                 raise several("several") from err
             raise
+        except ValueError as err:  # torch: "optimizer got an empty parameter list"
+            if "empty parameter list" not in str(err):
+                raise
+            raise PipelineConfigError(
+                f"configure_optimizers built an optimizer over parameters that stage {self.stage} does not hold: each "
+                f"stage's process holds only its own layers. This happens with several optimizers (e.g. a GAN's "
+                f"generator and discriminator), which {type(self).__name__} does not support, or with an optimizer "
+                "over some submodule's parameters only. Use one optimizer over self.parameters() (parameter groups "
+                "for different settings)."
+            ) from err
         if len(optimizers) != 1:
             raise several(len(optimizers))
         for opt in optimizers:

@@ -1,0 +1,51 @@
+"""Small Lightning-contract cases (issue 15), one per launch.
+
+Usage: python fit_contract.py OUT_DIR CASE
+  one_device:     devices=1 (one stage) for each synchronous and asynchronous policy, and a plain
+                  one-device Trainer; saves each run's weights to OUT_DIR/<name>.pt
+  two_optimizers: a module whose configure_optimizers returns two optimizers over the first and
+                  the last layer, on 2 stages (must fail at setup with the strategy's message)
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from lightning_asyncpipe import AsyncPipeStrategy  # noqa: E402
+from tests.helpers.models import SeqRegressor, loader, regression_data  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+class TwoOptimizers(SeqRegressor):
+    """A GAN-like split: one optimizer for the first layer, one for the last."""
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[-1].parameters(), lr=0.1)]
+
+
+def fit(model: L.LightningModule, devices: int, strategy: object) -> None:
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(model, loader(regression_data(48), 8))
+
+
+def main() -> None:
+    out, case = sys.argv[1], sys.argv[2]
+    if case == "one_device":
+        for name in ("plain", "pipedream_flush", "gpipe", "pipedream", "pipedream_2bw", "pipemare"):
+            L.seed_everything(0)
+            model = SeqRegressor(optimizer="adamw", lr=0.02, depth=3)
+            fit(model, 1, "auto" if name == "plain" else AsyncPipeStrategy(policy=name, microbatches=1))
+            torch.save(model.state_dict(), os.path.join(out, f"{name}.pt"))
+    elif case == "two_optimizers":
+        L.seed_everything(0)
+        fit(TwoOptimizers(depth=3), 2, AsyncPipeStrategy(policy="pipedream_flush", microbatches=2))
+
+
+if __name__ == "__main__":
+    main()
