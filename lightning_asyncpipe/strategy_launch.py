@@ -27,6 +27,7 @@ from typing_extensions import override
 
 from lightning_asyncpipe.comm import PipelineGroups
 from lightning_asyncpipe.data import ResumableLoader
+from lightning_asyncpipe.errors import PipelineConfigError
 from lightning_asyncpipe.launch import ScriptLauncher, SpawnLauncher
 from lightning_asyncpipe.signals import StopRequest, StopRequested, StopSignals
 from lightning_asyncpipe.policies import get_policy
@@ -61,9 +62,36 @@ class LaunchGlue:
             sampler.generator = torch.Generator().manual_seed(self._data_seed)
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         training = trainer is not None and trainer.state.stage == RunningStage.TRAINING
+        if training:
+            self._check_last_batch(dataloader)
         if training and not isinstance(dataloader, _Stateful) and hasattr(dataloader, "__len__"):
             return ResumableLoader(dataloader, self._data_position)
         return dataloader
+
+    def _check_last_batch(self, dataloader: Any) -> None:
+        """A training loader whose last batch holds fewer samples than ``microbatches`` fails here,
+        before the first step, rather than at the end of an epoch of work."""
+        size, drop_last = getattr(dataloader, "batch_size", None), getattr(dataloader, "drop_last", True)
+        sampler = getattr(dataloader, "sampler", None)
+        try:
+            n = len(sampler) if sampler is not None else len(dataloader.dataset)
+        except TypeError:  # an iterable without a length: nothing to check
+            return
+        last = n % size if isinstance(size, int) and size > 0 and not drop_last else 0
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None and last:  # does training reach the last batch at all?
+            batches, limit = -(-n // size), trainer.limit_train_batches
+            limited = limit is not None and ((isinstance(limit, int) and limit < batches) or
+                                             (isinstance(limit, float) and limit < 1.0))  # fmt: skip
+            if limited or 0 <= trainer.max_steps < batches:
+                return
+        if 0 < last < self.microbatches:
+            raise PipelineConfigError(
+                f"{type(self).__name__}(microbatches={self.microbatches}): the training loader's last batch holds "
+                f"{last} sample(s) ({n} samples in batches of {size}), fewer than the micro-batches every step is split "
+                "into. Set drop_last=True on the DataLoader, a batch size that divides the dataset, or "
+                f"microbatches <= {last}."
+            )
 
     def _data_position(self) -> tuple[int, bool]:
         """Batches of the current epoch trained so far, and whether the epoch is complete."""

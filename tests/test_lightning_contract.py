@@ -1,4 +1,5 @@
-"""Lightning's contract under the strategy (issue 15): ``devices=1`` and several optimizers.
+"""Lightning's contract under the strategy (issue 15): ``devices=1``, several optimizers, a short
+last batch.
 
 - ``devices=1`` is one stage: the same code path, and (with one micro-batch) bitwise the plain
   one-device Trainer for every policy without a delay on one stage; PipeDream-2BW keeps its
@@ -6,6 +7,8 @@
   0-dim tensor" (the pipeline metrics of a single stage).
 - Two optimizers over layers of different stages fail at setup with the strategy's message, not
   torch's "optimizer got an empty parameter list".
+- A training loader whose last batch is smaller than ``microbatches`` fails when the loader is set
+  up, before the first step.
 """
 
 from __future__ import annotations
@@ -35,3 +38,11 @@ def test_two_optimizers_fail_at_setup_with_the_strategys_message(tmp_path) -> No
     assert result.returncode != 0
     assert "configure_optimizers built an optimizer over parameters that stage" in result.output
     assert "several optimizers" in result.output and "empty parameter list" not in result.output.split("PipelineConfigError")[-1]
+
+
+def test_a_last_batch_smaller_than_microbatches_fails_before_the_first_step(tmp_path) -> None:
+    """Before issue 15 the run stopped at the end of the first epoch, after all its work."""
+    result = run_script("fit_contract.py", tmp_path, "ragged", timeout=240)
+    assert result.returncode != 0
+    assert "the training loader's last batch holds 2 sample(s) (50 samples in batches of 8)" in result.output
+    assert "drop_last=True" in result.output and "global_step=0" in result.output

@@ -3,6 +3,7 @@
 Usage: python fit_contract.py OUT_DIR CASE
   one_device:     devices=1 (one stage) for each synchronous and asynchronous policy, and a plain
                   one-device Trainer; saves each run's weights to OUT_DIR/<name>.pt
+  ragged:         a loader whose last batch is smaller than microbatches (must fail before step 1)
   two_optimizers: a module whose configure_optimizers returns two optimizers over the first and
                   the last layer, on 2 stages (must fail at setup with the strategy's message)
 """
@@ -42,6 +43,16 @@ def main() -> None:
             model = SeqRegressor(optimizer="adamw", lr=0.02, depth=3)
             fit(model, 1, "auto" if name == "plain" else AsyncPipeStrategy(policy=name, microbatches=1))
             torch.save(model.state_dict(), os.path.join(out, f"{name}.pt"))
+    elif case == "ragged":  # 50 samples in batches of 8: a last batch of 2 < 4 micro-batches
+        L.seed_everything(0)
+        model = SeqRegressor(depth=3)
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=AsyncPipeStrategy(microbatches=4), max_epochs=1,
+                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            enable_checkpointing=False)  # fmt: skip
+        try:
+            trainer.fit(model, loader(regression_data(50), 8))
+        finally:
+            print(f"global_step={trainer.global_step}", flush=True)
     elif case == "two_optimizers":
         L.seed_everything(0)
         fit(TwoOptimizers(depth=3), 2, AsyncPipeStrategy(policy="pipedream_flush", microbatches=2))
