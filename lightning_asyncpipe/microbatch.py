@@ -2,8 +2,10 @@
 
 A batch is any nesting of tuples, lists and dicts whose tensor leaves share their first dimension
 (the batch dimension). Tensors are split along dim 0 with ``torch.tensor_split`` (so an uneven last
-chunk is fine: 10 samples in 4 chunks give 3, 3, 2, 2); any other leaf (a string, an int, ``None``)
-is handed unchanged to every micro-batch.
+chunk is fine: 10 samples in 4 chunks give 3, 3, 2, 2). A list or tuple of per-sample values that
+are not tensors (the file names, ids or texts that the default collate gathers into a list of the
+batch's length) is split at the same row boundaries; any other leaf (a string, an int, ``None``,
+a list of another length) is handed unchanged to every micro-batch.
 """
 
 from __future__ import annotations
@@ -84,22 +86,32 @@ def split(batch: Any, chunks: int) -> list[Any]:
             f"needs at least one sample. Use a batch size >= {chunks} (and drop_last=True if the last batch of an "
             "epoch is smaller), or lower `microbatches`."
         )
-    return _parts(batch, chunks)
+    bounds = [int(r[0]) for r in torch.tensor_split(torch.arange(n), chunks) if len(r)] + [n]
+    return _parts(batch, chunks, bounds)
 
 
-def _parts(obj: Any, chunks: int) -> list[Any]:
-    """``obj`` cut into ``chunks`` parts (each tensor split once, the structure rebuilt per part)."""
+def _per_sample(obj: Any, n: int) -> bool:
+    """A list or tuple of ``n`` values, none of them a tensor or a container: one per sample."""
+    return (isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields") and len(obj) == n
+            and not any(isinstance(v, (Tensor, Mapping, list, tuple)) for v in obj))  # fmt: skip
+
+
+def _parts(obj: Any, chunks: int, bounds: list[int]) -> list[Any]:
+    """``obj`` cut into ``chunks`` parts at the rows ``bounds`` (each tensor split once, the
+    structure rebuilt per part)."""
     if isinstance(obj, Tensor):
         return list(torch.tensor_split(obj, chunks, dim=0))
+    if _per_sample(obj, bounds[-1]):
+        return [type(obj)(obj[bounds[i] : bounds[i + 1]]) for i in range(chunks)]
     if isinstance(obj, Mapping):
-        columns = {k: _parts(v, chunks) for k, v in obj.items()}
+        columns = {k: _parts(v, chunks, bounds) for k, v in obj.items()}
         dicts = [{k: c[i] for k, c in columns.items()} for i in range(chunks)]
         return dicts if type(obj) is dict else [type(obj)(d) for d in dicts]
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        columns = [_parts(v, chunks) for v in obj]
+        columns = [_parts(v, chunks, bounds) for v in obj]
         return [type(obj)(*(c[i] for c in columns)) for i in range(chunks)]
     if isinstance(obj, (tuple, list)):
-        columns = [_parts(v, chunks) for v in obj]
+        columns = [_parts(v, chunks, bounds) for v in obj]
         return [type(obj)(c[i] for c in columns) for i in range(chunks)]
     return [obj] * chunks
 

@@ -199,3 +199,22 @@ def test_errors_are_value_errors_too():
     # PipelineConfigError is both an AsyncPipeError and a ValueError
     with pytest.raises(ValueError):
         split(torch.zeros(2), 0)
+
+
+def test_per_sample_lists_are_split_with_the_rows_of_the_tensors():
+    """The default collate turns per-sample strings (file names, ids, texts) into a list of the
+    batch's length: each micro-batch gets its own rows' entries, as its tensors do (issue 15:
+    every micro-batch used to get all of them)."""
+    names = [f"file{i}.png" for i in range(10)]
+    batch = {"x": torch.arange(10).reshape(10, 1), "name": names, "ids": tuple(range(10)), "tag": "train"}
+    parts = split(batch, 4)
+    for part in parts:
+        rows = part["x"].flatten().tolist()
+        assert part["name"] == [f"file{i}.png" for i in rows]
+        assert part["ids"] == tuple(rows) and part["tag"] == "train"
+    assert [len(p["name"]) for p in parts] == [3, 3, 2, 2]
+
+
+def test_lists_of_another_length_go_to_every_micro_batch_unchanged():
+    batch = (torch.zeros(6, 2), ["a", "b", "c"])
+    assert [p[1] for p in split(batch, 3)] == [["a", "b", "c"]] * 3
