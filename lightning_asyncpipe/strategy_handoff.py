@@ -27,8 +27,10 @@ class HandOffGlue:
         assert self._partition is not None and self._pipeline is not None
         microbatches = split(args[0], self.microbatches)
         first = self._pipeline.first_microbatch if training else 0
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        scale = 1.0 / trainer.accumulate_grad_batches if training and trainer is not None else 1.0
         return UserStep(fn, microbatches, first, tuple(args[1:]), self._partition,
-                        microbatch_weights(microbatches), self._recorder, training)  # fmt: skip
+                        microbatch_weights(microbatches), self._recorder, training, loss_scale=scale)  # fmt: skip
 
     def _recording(self) -> Any:
         """While user steps run, ``self.log`` goes to the recorder."""

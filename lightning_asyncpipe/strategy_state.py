@@ -75,6 +75,14 @@ class StateGlue:
         optimizer = self.optimizers[0]
         if self._shared:
             self._shared.before_update(batch)  # the owner of a shared parameter gets the holders' gradients
+        trainer = self.lightning_module.trainer
+        if trainer.accumulate_grad_batches > 1 and trainer.fit_loop.epoch_loop._should_accumulate():
+            # accumulate_grad_batches (synchronous policies, whose U of a batch runs in its own step):
+            # Lightning steps the optimizer after this batch only at the accumulation boundary; the
+            # gradients stay for the next batch
+            if self._shared:
+                self._shared.after_update()
+            return
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.topology.n_replicas > 1:
             grads = [p.grad for p in params if p.grad is not None]

@@ -105,6 +105,8 @@ class UserStep:
     weights: Sequence[float]
     recorder: LogRecorder
     training: bool
+    loss_scale: float = 1.0
+    """Multiplies every backpropagated loss (``1 / accumulate_grad_batches``, as Lightning scales it)."""
     outputs: dict[int, Any] = field(default_factory=dict)
     _calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
 
@@ -174,7 +176,7 @@ class UserStep:
         if not self.training:
             return None
         loss = result.get("loss") if isinstance(result, dict) else result
-        return loss * self.weights[microbatch - self.first] if isinstance(loss, Tensor) else loss
+        return loss * (self.weights[microbatch - self.first] * self.loss_scale) if isinstance(loss, Tensor) else loss
 
     def _never_called(self) -> PipelineConfigError:
         return PipelineConfigError(

@@ -129,8 +129,9 @@ def test_unknown_policy() -> None:
         AsyncPipeStrategy(policy="pipedraem")
 
 
-def test_accumulate_grad_batches_rejected_at_setup() -> None:
-    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=AsyncPipeStrategy(), accumulate_grad_batches=2,
+def test_accumulate_grad_batches_rejected_at_setup_by_asynchronous_policies() -> None:
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=AsyncPipeStrategy(policy="pipedream_2bw"),
+                        accumulate_grad_batches=2,
                         max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False)  # fmt: skip
     with pytest.raises(PipelineConfigError, match="accumulate_grad_batches=2"):
         trainer.fit(SeqRegressor(), loader(regression_data(), 8))

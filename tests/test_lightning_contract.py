@@ -1,5 +1,5 @@
 """Lightning's contract under the strategy (issue 15): ``devices=1``, several optimizers, a short
-last batch.
+last batch, gradient accumulation.
 
 - ``devices=1`` is one stage: the same code path, and (with one micro-batch) bitwise the plain
   one-device Trainer for every policy without a delay on one stage; PipeDream-2BW keeps its
@@ -7,6 +7,8 @@ last batch.
   0-dim tensor" (the pipeline metrics of a single stage).
 - Two optimizers over layers of different stages fail at setup with the strategy's message, not
   torch's "optimizer got an empty parameter list".
+- ``accumulate_grad_batches=K`` with a synchronous policy: one update per K batches (and after an
+  epoch's last batch), equal to the plain Trainer with the same K.
 - A training loader whose last batch is smaller than ``microbatches`` fails when the loader is set
   up, before the first step.
 """
@@ -17,6 +19,7 @@ import pytest
 import torch
 
 from tests.helpers.launch import run_script
+from tests.helpers.tolerance import training_atol
 
 pytestmark = pytest.mark.multiprocess
 
@@ -46,3 +49,24 @@ def test_a_last_batch_smaller_than_microbatches_fails_before_the_first_step(tmp_
     assert result.returncode != 0
     assert "the training loader's last batch holds 2 sample(s) (50 samples in batches of 8)" in result.output
     assert "drop_last=True" in result.output and "global_step=0" in result.output
+
+
+def test_accumulate_grad_batches_equals_the_plain_trainer_for_synchronous_policies(tmp_path) -> None:
+    """Before issue 15: refused at setup."""
+    result = run_script("fit_contract.py", tmp_path, "accumulate", timeout=240)
+    assert result.returncode == 0, result.output[-5000:]
+    plain = torch.load(tmp_path / "plain.pt")
+    assert plain["steps"] == 6  # 7 batches per epoch, K=3: after batches 3, 6, 7, twice
+    import lightning as L
+
+    from tests.helpers.models import SeqRegressor
+
+    L.seed_everything(0)
+    initial = SeqRegressor(optimizer="adamw", lr=0.02, depth=4).state_dict()
+    assert max(float((plain["state"][k] - v).abs().max()) for k, v in initial.items()) > 1e-2  # it trained
+    for policy in ("pipedream_flush", "gpipe"):
+        run = torch.load(tmp_path / f"{policy}.pt")
+        assert run["steps"] == plain["steps"], policy
+        atol = training_atol(plain["state"], 2 * 7)  # micro-batched sums, deferred weight gradients
+        for name, value in plain["state"].items():
+            torch.testing.assert_close(run["state"][name], value, atol=atol, rtol=0, msg=f"{policy}: {name}")

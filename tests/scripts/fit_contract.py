@@ -3,6 +3,8 @@
 Usage: python fit_contract.py OUT_DIR CASE
   one_device:     devices=1 (one stage) for each synchronous and asynchronous policy, and a plain
                   one-device Trainer; saves each run's weights to OUT_DIR/<name>.pt
+  accumulate:     accumulate_grad_batches=3 with gradient clipping, the synchronous policies on 2
+                  stages and a plain one-device Trainer; saves OUT_DIR/<name>.pt
   ragged:         a loader whose last batch is smaller than microbatches (must fail before step 1)
   two_optimizers: a module whose configure_optimizers returns two optimizers over the first and
                   the last layer, on 2 stages (must fail at setup with the strategy's message)
@@ -53,6 +55,19 @@ def main() -> None:
             trainer.fit(model, loader(regression_data(50), 8))
         finally:
             print(f"global_step={trainer.global_step}", flush=True)
+    elif case == "accumulate":  # 7 batches, 3 per update: updates after batches 3, 6 and the last
+        for name in ("plain", "pipedream_flush", "gpipe"):
+            L.seed_everything(0)
+            model = SeqRegressor(optimizer="adamw", lr=0.02, depth=4)
+            trainer = L.Trainer(
+                accelerator="cpu", devices=1 if name == "plain" else 2, accumulate_grad_batches=3, max_epochs=2,
+                strategy="auto" if name == "plain" else AsyncPipeStrategy(policy=name, microbatches=2), logger=False,
+                enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                gradient_clip_val=0.5,
+            )  # fmt: skip
+            trainer.fit(model, loader(regression_data(56), 8))
+            if trainer.global_rank == 0:
+                torch.save({"state": model.state_dict(), "steps": trainer.global_step}, os.path.join(out, f"{name}.pt"))
     elif case == "two_optimizers":
         L.seed_everything(0)
         fit(TwoOptimizers(depth=3), 2, AsyncPipeStrategy(policy="pipedream_flush", microbatches=2))
