@@ -17,7 +17,7 @@ from tests.helpers.zoo import GPTModule
 pytestmark = pytest.mark.slow  # this file takes 40 s or more on 2 cores
 
 
-POLICIES = ["pipedream_flush", "pipedream_2bw", "gpt+pipedream_flush", "gpt+pipedream_2bw"]
+POLICIES = ["pipedream_flush", "pipedream_2bw", "gpt+pipedream_2bw"]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The tied head of a nanoGPT under every policy: the raw engine on 2 and 3 real processes equals
 the executable specification (:func:`lightning_asyncpipe.reference.reference_train_stages`), in
-float64, after 8 batches with a drain in between, AdamW with nanoGPT's decay groups, gradient
+float64, after 6 batches with a drain in between, AdamW with nanoGPT's decay groups, gradient
 clipping and a learning-rate schedule (SGD with momentum for pipelined_backprop).
 
 The tied parameter is owned by stage 0 (the token embedding); the last stage (the head) uses, for
