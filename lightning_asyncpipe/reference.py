@@ -98,28 +98,16 @@ def _sgd_spike_compensated(optimizer: Optimizer, delay: int) -> None:
                     p.add_(g, alpha=-lr * b)
 
 
-def reference_train(
-    sequential: nn.Sequential,
-    counts: Sequence[int],
-    policy: str,
-    batches: Sequence[tuple[Any, Any]],
-    microbatches: int,
-    loss_fn: Callable[[Any, Any], Tensor],
-    optimizer: Callable[[Iterable[nn.Parameter]], Optimizer],
-    lr_scheduler: Optional[Callable[[Optimizer], Any]] = None,
-    clip_grad_norm: Optional[float] = None,
-    drain_after: Iterable[int] = (),
-    policy_options: Optional[dict[str, Any]] = None,
-    prefix: str = "net.",
-) -> ReferenceResult:
-    """Train ``sequential`` (a copy) on ``batches`` as ``policy`` defines it, split into stages of
-    ``counts`` layers (see :func:`reference_train_stages` for the other arguments)."""
+def reference_train(sequential: nn.Sequential, counts: Sequence[int], policy: str, *args: Any,
+                    **kwargs: Any) -> ReferenceResult:  # fmt: skip
+    """Train ``sequential`` (a copy) as ``policy`` defines it, split into stages of ``counts``
+    layers; the other arguments (``batches, microbatches, loss_fn, optimizer, ...``) are
+    :func:`reference_train_stages`'s."""
     names = list(sequential._modules)
     edges = [sum(counts[:i]) for i in range(len(counts) + 1)]
     stages = [nn.Sequential(OrderedDict((names[i], copy.deepcopy(sequential[i])) for i in range(edges[s], edges[s + 1])))
               for s in range(len(counts))]  # fmt: skip
-    return reference_train_stages(stages, policy, batches, microbatches, loss_fn, optimizer, lr_scheduler,
-                                  clip_grad_norm, drain_after, policy_options, prefix=prefix)  # fmt: skip
+    return reference_train_stages(stages, policy, *args, **kwargs)
 
 
 class _ProgramStage(nn.Module):

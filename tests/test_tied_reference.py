@@ -21,7 +21,7 @@ from tests.helpers import tied_cases as C
 from tests.helpers.tolerance import training_atol64
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # this file takes 40 s or more on 2 cores
-SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "gpt_vs_reference.py")
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "engine_vs_reference.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -30,7 +30,8 @@ def runs(tmp_path_factory) -> dict[int, str]:
     out = {}
     for p in (2, 3):
         d = str(tmp_path_factory.mktemp(f"tied{p}"))
-        subprocess.run([sys.executable, SCRIPT, d, str(p)], check=True, timeout=300, cwd=ROOT, capture_output=True)
+        subprocess.run([sys.executable, SCRIPT, d, str(p), "tied_cases"], check=True, timeout=300, cwd=ROOT,
+                       capture_output=True)  # fmt: skip
         out[p] = d
     return out
 
@@ -38,7 +39,7 @@ def runs(tmp_path_factory) -> dict[int, str]:
 def _engine_state(out: str, index: int, p: int) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for rank in range(p):
-        state.update(torch.load(os.path.join(out, f"{index}-{rank}.pt")))
+        state.update(torch.load(os.path.join(out, f"{index}-{rank}.pt"))["state"])
     return state
 
 
@@ -46,7 +47,7 @@ def _reference(case: C.Case, p: int, tied: bool = True, policy: str | None = Non
     data = C.batches()
     stages, shared = split_stages(C.model().net, data[0][0], p, balance="uniform")
     return reference_train_stages(stages, policy or case.policy, data, case.microbatches, C.loss_fn,
-                                  C.optimizer(case.policy), C.scheduler, C.CLIP, C.DRAIN_AFTER, case.options,
+                                  C.optimizer(case.optimizer), C.scheduler, C.CLIP, C.DRAIN_AFTER, case.options,
                                   shared=shared if tied else ()).state_dict  # fmt: skip
 
 

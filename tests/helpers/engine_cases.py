@@ -74,3 +74,8 @@ def scheduler(opt: torch.optim.Optimizer) -> Any:
 
 
 loss_fn = F.mse_loss
+
+
+def engine_kwargs(case: Case) -> dict[str, Any]:
+    """What the engine is built with for ``case`` (besides the model and the layout)."""
+    return {"optimizer": optimizer(case.optimizer), "loss_fn": loss_fn, "lr_scheduler": scheduler}

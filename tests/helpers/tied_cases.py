@@ -1,15 +1,15 @@
-"""The GPT-with-tied-head cases, shared by tests/scripts/gpt_vs_reference.py (which runs them on
+"""The GPT-with-tied-head cases, shared by tests/scripts/engine_vs_reference.py (which runs them on
 real processes with the raw engine) and tests/test_tied_reference.py (which checks them against
 :mod:`lightning_asyncpipe.reference`). float64: the comparison holds to ~1e-12 on any CPU."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from tests.helpers.engine_cases import Case
 from tests.helpers.zoo import GPT, GPTConfig
 
 POLICIES: list[tuple[str, dict[str, Any]]] = [
@@ -26,23 +26,11 @@ DRAIN_AFTER = (2,)  # a drain mid-run (as validation would cause), then a refill
 T = 8  # tokens per sequence
 
 
-@dataclass(frozen=True)
-class Case:
-    policy: str
-    options: dict[str, Any] = field(hash=False)
-    microbatches: int
-
-    @property
-    def name(self) -> str:
-        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        return f"{self.policy}[{opts}]-m{self.microbatches}"
-
-
 def cases(n_stages: int) -> list[Case]:
     """Each policy with one micro-batch per batch (the owner's version then lags the most; not for
     2BW, which needs ``m >= p``) and with ``2p`` (several batches' micro-batches in flight)."""
-    return [Case(policy, options, m) for policy, options in POLICIES for m in (1, 2 * n_stages)
-            if m >= n_stages or policy != "pipedream_2bw"]
+    return [Case(policy, options, m, "sgd" if policy == "pipelined_backprop" else "adamw")
+            for policy, options in POLICIES for m in (1, 2 * n_stages) if m >= n_stages or policy != "pipedream_2bw"]
 
 
 def model() -> nn.Module:
@@ -69,12 +57,12 @@ def loss_fn(output: Any, target: Any) -> torch.Tensor:
     return loss
 
 
-def optimizer(policy: str) -> Any:
-    """AdamW with nanoGPT's decay groups (SGD with momentum for pipelined_backprop, which needs it)."""
+def optimizer(name: str) -> Any:
+    """AdamW with nanoGPT's decay groups, or SGD with momentum (for pipelined_backprop, which needs it)."""
 
     def make(params: Any) -> torch.optim.Optimizer:
         params = list(params)
-        if policy == "pipelined_backprop":
+        if name == "sgd":
             return torch.optim.SGD(params, lr=0.05, momentum=0.9)
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
@@ -88,3 +76,8 @@ def scheduler(opt: torch.optim.Optimizer) -> Any:
 
 
 CLIP = 0.5
+
+
+def engine_kwargs(case: Case) -> dict[str, Any]:
+    """What the engine is built with for ``case`` (besides the model and the layout)."""
+    return {"optimizer": optimizer(case.optimizer), "loss_fn": loss_fn, "lr_scheduler": scheduler, "clip_grad_norm": CLIP}
