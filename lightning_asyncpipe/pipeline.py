@@ -9,6 +9,7 @@ and at the end of fit), and the next step fills the pipeline again from the late
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
@@ -17,7 +18,7 @@ from torch.optim import Optimizer
 
 from lightning_asyncpipe.executor import PipelineExecutor, StepHooks
 from lightning_asyncpipe.policies.base import StepFn, WeightPolicy
-from lightning_asyncpipe.schedule import Action, forward_only
+from lightning_asyncpipe.schedule import Action, ActionKind, forward_only
 
 __all__ = ["StagePipeline"]
 
@@ -85,15 +86,24 @@ class StagePipeline:
         """Global index of the first micro-batch of the next training step."""
         return self.step * self.n_microbatches
 
-    def train_actions(self) -> list[Action]:
-        ex = self.executor
-        return self.policy.step_actions(ex.n_stages, self.n_microbatches, ex.stage, self.step, self.fill_step)
+    def train_actions(self, n_microbatches: Optional[int] = None) -> list[Action]:
+        """This stage's actions of the next step; ``n_microbatches`` fewer than usual (a short batch,
+        synchronous policies only) keep the usual numbering: micro-batches ``step*m ..``."""
+        ex, m = self.executor, self.n_microbatches
+        n = m if n_microbatches is None else n_microbatches
+        if n == m:
+            return self.policy.step_actions(ex.n_stages, m, ex.stage, self.step, self.fill_step)
+        if not self.policy.synchronous or not 1 <= n < m:
+            raise ValueError(f"a step of {n} micro-batches needs a synchronous policy and 1 <= n < {m}")
+        actions = self.policy.step_actions(ex.n_stages, n, ex.stage, self.step, self.fill_step)
+        return [a if a.kind is ActionKind.UPDATE else replace(a, index=a.index - self.step * n + self.step * m)
+                for a in actions]  # fmt: skip
 
-    def train_step(self, hooks: StepHooks) -> None:
-        """Run this stage's actions of one training step."""
+    def train_step(self, hooks: StepHooks, n_microbatches: Optional[int] = None) -> None:
+        """Run this stage's actions of one training step (of ``n_microbatches`` for a short batch)."""
         if self.optimizer is not None:
             self._step_lrs[self.step] = [g["lr"] for g in self.optimizer.param_groups]
-        self.executor.run(self.train_actions(), hooks, train=True)
+        self.executor.run(self.train_actions(n_microbatches), hooks, train=True)
         self.step += 1
         self.pending = not self.policy.synchronous
 
@@ -123,8 +133,10 @@ class StagePipeline:
         self.pending = False
         self.policy.load_state_dict(state)
 
-    def eval_step(self, hooks: StepHooks) -> None:
-        """Forward one batch for evaluation; drains first so evaluation sees the latest weights."""
+    def eval_step(self, hooks: StepHooks, n_microbatches: Optional[int] = None) -> None:
+        """Forward one batch (of ``n_microbatches``, default the usual) for evaluation; drains first
+        so evaluation sees the latest weights."""
         self.drain()
         ex = self.executor
-        self.executor.run(forward_only(ex.n_stages, self.n_microbatches)[ex.stage], hooks, train=False)
+        n = self.n_microbatches if n_microbatches is None else n_microbatches
+        self.executor.run(forward_only(ex.n_stages, n)[ex.stage], hooks, train=False)

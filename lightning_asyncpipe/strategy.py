@@ -272,7 +272,7 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         self._replay_pending()
         step = self._user_step(self.lightning_module.training_step, args, training=True)
         with self.precision_plugin.train_step_context(), self._recording():
-            self._pipeline.train_step(step)
+            self._pipeline.train_step(step, len(step.microbatches))
         output = self._hand_off(step.merged_outputs(), self._recorder.pop(), training=True)
         drain_due = self._drain_due()
         if drain_due:
@@ -339,7 +339,7 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         assert self._pipeline is not None
         step = self._user_step(fn, args, training=False)
         with self._recording():
-            self._pipeline.eval_step(step)
+            self._pipeline.eval_step(step, len(step.microbatches))
         if self._executor is not None:
             self._executor.pop_timings()  # evaluation does not count in the training metrics
         output = step.merged_outputs() if step.outputs else None

@@ -24,8 +24,12 @@ class HandOffGlue:
     """Mixin of :class:`~lightning_asyncpipe.strategy.AsyncPipeStrategy`; see the module docstring."""
 
     def _user_step(self, fn: Callable[..., Any], args: tuple[Any, ...], training: bool) -> UserStep:
-        assert self._partition is not None and self._pipeline is not None
-        microbatches = split(args[0], self.microbatches)
+        assert self._partition is not None and self._pipeline is not None and self._policy is not None
+        # a batch with fewer samples than micro-batches: fewer micro-batches, where a step may have
+        # them (evaluation; training with a synchronous policy); asynchronous streams need m per step
+        short = not training or self._policy.synchronous
+        chunks = min(self.microbatches, batch_size(args[0])) if short else self.microbatches
+        microbatches = split(args[0], chunks)
         first = self._pipeline.first_microbatch if training else 0
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         scale = 1.0 / trainer.accumulate_grad_batches if training and trainer is not None else 1.0

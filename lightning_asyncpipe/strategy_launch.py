@@ -30,7 +30,7 @@ from lightning_asyncpipe.data import ResumableLoader
 from lightning_asyncpipe.errors import PipelineConfigError
 from lightning_asyncpipe.launch import ScriptLauncher, SpawnLauncher
 from lightning_asyncpipe.signals import StopRequest, StopRequested, StopSignals
-from lightning_asyncpipe.policies import get_policy
+from lightning_asyncpipe.policies import get_policy, policy_class
 from lightning_asyncpipe.topology import Topology
 from lightning_asyncpipe.watchdog import PARENT_PID_ENV, ParentWatch, report
 
@@ -62,15 +62,16 @@ class LaunchGlue:
             sampler.generator = torch.Generator().manual_seed(self._data_seed)
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         training = trainer is not None and trainer.state.stage == RunningStage.TRAINING
-        if training:
+        if training and not policy_class(self.policy_name).synchronous:
             self._check_last_batch(dataloader)
         if training and not isinstance(dataloader, _Stateful) and hasattr(dataloader, "__len__"):
             return ResumableLoader(dataloader, self._data_position)
         return dataloader
 
     def _check_last_batch(self, dataloader: Any) -> None:
-        """A training loader whose last batch holds fewer samples than ``microbatches`` fails here,
-        before the first step, rather than at the end of an epoch of work."""
+        """Asynchronous policies: a training loader whose last batch holds fewer samples than
+        ``microbatches`` fails here, before the first step, rather than at the end of an epoch of
+        work (synchronous policies run such a batch on fewer micro-batches)."""
         size, drop_last = getattr(dataloader, "batch_size", None), getattr(dataloader, "drop_last", True)
         sampler = getattr(dataloader, "sampler", None)
         try:

@@ -9,8 +9,9 @@ last batch, gradient accumulation.
   torch's "optimizer got an empty parameter list".
 - ``accumulate_grad_batches=K`` with a synchronous policy: one update per K batches (and after an
   epoch's last batch), equal to the plain Trainer with the same K.
-- A training loader whose last batch is smaller than ``microbatches`` fails when the loader is set
-  up, before the first step.
+- A batch smaller than ``microbatches``: fewer micro-batches under synchronous policies (equal to
+  the plain Trainer), and in evaluation; with an asynchronous policy a training loader whose last
+  batch is that small fails when the loader is set up, before the first step.
 """
 
 from __future__ import annotations
@@ -43,9 +44,26 @@ def test_two_optimizers_fail_at_setup_with_the_strategys_message(tmp_path) -> No
     assert "several optimizers" in result.output and "empty parameter list" not in result.output.split("PipelineConfigError")[-1]
 
 
-def test_a_last_batch_smaller_than_microbatches_fails_before_the_first_step(tmp_path) -> None:
-    """Before issue 15 the run stopped at the end of the first epoch, after all its work."""
+def test_a_batch_smaller_than_microbatches_runs_on_fewer_under_synchronous_policies(tmp_path) -> None:
+    """A last batch of 2 samples with 4 micro-batches (training and validation): 2 micro-batches,
+    equal to the plain Trainer. Before issue 15 the run stopped at the end of the first epoch."""
     result = run_script("fit_contract.py", tmp_path, "ragged", timeout=240)
+    assert result.returncode == 0, result.output[-5000:]
+    plain = torch.load(tmp_path / "plain.pt")
+    assert plain["steps"] == 14
+    for policy in ("pipedream_flush", "gpipe"):
+        run = torch.load(tmp_path / f"{policy}.pt")
+        assert run["steps"] == plain["steps"], policy
+        atol = training_atol(plain["state"], 14)
+        for name, value in plain["state"].items():
+            torch.testing.assert_close(run["state"][name], value, atol=atol, rtol=0, msg=f"{policy}: {name}")
+        assert run["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-5)
+
+
+def test_a_last_batch_smaller_than_microbatches_fails_before_the_first_step_when_asynchronous(tmp_path) -> None:
+    """An asynchronous stream needs the same micro-batches every step: refused when the loader is set
+    up, not at the end of the first epoch after all its work."""
+    result = run_script("fit_contract.py", tmp_path, "ragged_async", timeout=240)
     assert result.returncode != 0
     assert "the training loader's last batch holds 2 sample(s) (50 samples in batches of 8)" in result.output
     assert "drop_last=True" in result.output and "global_step=0" in result.output

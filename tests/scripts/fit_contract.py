@@ -5,7 +5,9 @@ Usage: python fit_contract.py OUT_DIR CASE
                   one-device Trainer; saves each run's weights to OUT_DIR/<name>.pt
   accumulate:     accumulate_grad_batches=3 with gradient clipping, the synchronous policies on 2
                   stages and a plain one-device Trainer; saves OUT_DIR/<name>.pt
-  ragged:         a loader whose last batch is smaller than microbatches (must fail before step 1)
+  ragged:         loaders whose last batch is smaller than microbatches, synchronous policies and a plain
+                  Trainer; saves OUT_DIR/<name>.pt
+  ragged_async:   the same with pipedream_2bw (must fail before step 1)
   two_optimizers: a module whose configure_optimizers returns two optimizers over the first and
                   the last layer, on 2 stages (must fail at setup with the strategy's message)
 """
@@ -45,11 +47,24 @@ def main() -> None:
             model = SeqRegressor(optimizer="adamw", lr=0.02, depth=3)
             fit(model, 1, "auto" if name == "plain" else AsyncPipeStrategy(policy=name, microbatches=1))
             torch.save(model.state_dict(), os.path.join(out, f"{name}.pt"))
-    elif case == "ragged":  # 50 samples in batches of 8: a last batch of 2 < 4 micro-batches
+    elif case == "ragged":  # 50 samples in batches of 8: a last batch of 2 < 4 micro-batches; 10 to validate
+        for name in ("plain", "pipedream_flush", "gpipe"):
+            L.seed_everything(0)
+            model = SeqRegressor(optimizer="adamw", lr=0.02, depth=4)
+            trainer = L.Trainer(
+                accelerator="cpu", devices=1 if name == "plain" else 2, max_epochs=2, logger=False,
+                strategy="auto" if name == "plain" else AsyncPipeStrategy(policy=name, microbatches=4),
+                enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+            )  # fmt: skip
+            trainer.fit(model, loader(regression_data(50), 8), loader(regression_data(10, seed=1), 8))
+            if trainer.global_rank == 0:
+                torch.save({"state": model.state_dict(), "steps": trainer.global_step,
+                            "val_loss": float(trainer.callback_metrics["val_loss"])}, os.path.join(out, f"{name}.pt"))
+    elif case == "ragged_async":  # the same loader with an asynchronous policy: refused before step 1
         L.seed_everything(0)
         model = SeqRegressor(depth=3)
-        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=AsyncPipeStrategy(microbatches=4), max_epochs=1,
-                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=AsyncPipeStrategy("pipedream_2bw", microbatches=4),
+                            max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                             enable_checkpointing=False)  # fmt: skip
         try:
             trainer.fit(model, loader(regression_data(50), 8))
