@@ -131,12 +131,12 @@ class UserStep:
 
         self.recorder.enabled = False
         try:
-            self._call(microbatch, capture)
+            result = self._call(microbatch, capture)
         except _StageExit as exit_:
             return exit_.args_, exit_.kwargs
         finally:
             self.recorder.enabled = True
-        raise self._never_called()
+        raise self._never_called(result)
 
     def stage_inputs(self, microbatch: int) -> tuple[Tensor, ...]:
         args, kwargs = self._calls[microbatch] = self._capture(microbatch)
@@ -171,18 +171,20 @@ class UserStep:
         self.recorder.weight = self.weights[microbatch - self.first]
         result = self._call(microbatch, replay)
         if not calls and self.stage_module.n_stages > 1:
-            raise self._never_called()
+            raise self._never_called(result)
         self.outputs[microbatch] = result
         if not self.training:
             return None
         loss = result.get("loss") if isinstance(result, dict) else result
         return loss * (self.weights[microbatch - self.first] * self.loss_scale) if isinstance(loss, Tensor) else loss
 
-    def _never_called(self) -> PipelineConfigError:
+    def _never_called(self, result: Any = ...) -> PipelineConfigError:
+        skipping = (" Returning None to skip a batch is not supported by AsyncPipeStrategy yet: every stage runs the "
+                    "micro-batch; return the loss multiplied by 0 instead.") if result is None else ""  # fmt: skip
         return PipelineConfigError(
             f"{self.fn.__name__} returned without calling the pipelined module "
             f"'{self.stage_module.attr}'. AsyncPipeStrategy runs it once per micro-batch and expects it to call that "
-            "module (usually through self(x) in forward)."
+            f"module (usually through self(x) in forward).{skipping}"
         )
 
     def merged_outputs(self) -> Any:
