@@ -7,7 +7,6 @@ Usage: python convergence.py OUT_JSON [STEPS]
 
 import json
 import os
-import socket
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -63,9 +62,9 @@ def student() -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(64, 4))
 
 
-def worker(rank: int, port: int, out: str, steps: int) -> None:
+def worker(rank: int, rendezvous: str, out: str, steps: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=STAGES)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=STAGES)
     groups = PipelineGroups(Topology(STAGES, STAGES), rank)
     batches = data(steps)
     curves = {}
@@ -81,8 +80,8 @@ def worker(rank: int, port: int, out: str, steps: int) -> None:
 
 
 if __name__ == "__main__":
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # a file rendezvous next to the output, not a picked free TCP port (another job can take the
+    # port before rank 0 binds it: EADDRINUSE seen once with two pytest workers)
+    rendezvous = f"file://{os.path.abspath(sys.argv[1])}.rendezvous-{os.getpid()}"
     steps = int(sys.argv[2]) if len(sys.argv) > 2 else 300
-    mp.start_processes(worker, args=(port, sys.argv[1], steps), nprocs=STAGES, start_method="spawn")
+    mp.start_processes(worker, args=(rendezvous, sys.argv[1], steps), nprocs=STAGES, start_method="spawn")
