@@ -9,18 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from tests.helpers import engine_cases as E
 from tests.helpers.engine_cases import Case
 from tests.helpers.zoo import GPT, GPTConfig
 
-POLICIES: list[tuple[str, dict[str, Any]]] = [
-    ("gpipe", {}),
-    ("pipedream_flush", {}),
-    ("pipedream", {}),
-    ("pipedream", {"vertical_sync": True}),
-    ("pipedream_2bw", {}),
-    ("pipemare", {}),
-    ("pipelined_backprop", {}),
-]
+# every policy with its default options, and PipeDream's vertical sync (the owner's version then
+# is every stage's)
+POLICIES: list[tuple[str, dict[str, Any]]] = [(p, o) for p, o in E.POLICIES if not o or p == "pipedream"]
 N_STEPS = 6
 DRAIN_AFTER = (2,)  # a drain mid-run (as validation would cause), then a refill
 T = 8  # tokens per sequence
