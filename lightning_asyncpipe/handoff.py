@@ -88,9 +88,10 @@ class StepHandoff:
     def is_source(self) -> bool:
         return self.rank == self.src
 
-    def exchange(self, step: int, payload: Any) -> list[Any]:
+    def exchange(self, step: int, payload: Any, wait_current: bool = False) -> list[Any]:
         """Publish step ``step``'s payload (on the last stage) and return the payloads this rank can
-        replay now, oldest first."""
+        replay now, oldest first; ``wait_current``: including this very step's (the receivers wait
+        for the last stage to finish the step; the last stage never waits)."""
         if len(self.ranks) == 1 or not self.deferred:
             return self.broadcast(payload)
         if self.is_source:
@@ -99,7 +100,7 @@ class StepHandoff:
         ready = self._collect(wait_all=False)
         inline = torch.empty(_INLINE, dtype=torch.uint8, device=self.device)
         self._pending.append((step, dist.irecv(inline, src=self.src, group=self.group, tag=self._tag(step, 0)), inline))
-        return ready
+        return ready + self._collect(wait_all=True) if wait_current else ready
 
     def broadcast(self, payload: Any) -> list[Any]:
         """Blocking: every rank gets the last stage's payload now."""

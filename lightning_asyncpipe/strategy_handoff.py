@@ -86,7 +86,9 @@ class HandOffGlue:
         sent = [s for s in (self._sendable(r) for r in records) if s is not None]
         payload = (_to_cpu(output), sent)
         if training:
-            payloads = self._handoff.exchange(self._pipeline.step - 1, payload)
+            # synchronous policies: the step's own output (the last stage has finished the step's
+            # losses before any other stage finishes its backward); asynchronous: one step late
+            payloads = self._handoff.exchange(self._pipeline.step - 1, payload, wait_current=self._policy.synchronous)
         else:
             payloads = self._handoff.broadcast(payload)
         self._replay_payloads(payloads, records)

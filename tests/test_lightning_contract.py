@@ -9,12 +9,15 @@ last batch, gradient accumulation.
   torch's "optimizer got an empty parameter list".
 - ``accumulate_grad_batches=K`` with a synchronous policy: one update per K batches (and after an
   epoch's last batch), equal to the plain Trainer with the same K.
+- Callbacks' ``outputs`` on every rank: the step's own loss under synchronous policies.
 - A batch smaller than ``microbatches``: fewer micro-batches under synchronous policies (equal to
   the plain Trainer), and in evaluation; with an asynchronous policy a training loader whose last
   batch is that small fails when the loader is set up, before the first step.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -88,3 +91,25 @@ def test_accumulate_grad_batches_equals_the_plain_trainer_for_synchronous_polici
         atol = training_atol(plain["state"], 2 * 7)  # micro-batched sums, deferred weight gradients
         for name, value in plain["state"].items():
             torch.testing.assert_close(run["state"][name], value, atol=atol, rtol=0, msg=f"{policy}: {name}")
+
+
+def test_callbacks_on_every_rank_get_the_steps_own_output_under_synchronous_policies(tmp_path) -> None:
+    """``on_train_batch_end(outputs=...)`` on the first stage's process got the loss of an earlier
+    step (NaN at first) before issue 15. Synchronous policies now give every rank the step's own
+    loss (the last stage has finished the step's losses before another stage finishes its
+    backward); asynchronous ones keep it two steps late there (no stage waits for the last one)."""
+    import json
+
+    result = run_script("fit_contract.py", tmp_path, "outputs", timeout=240)
+    assert result.returncode == 0, result.output[-5000:]
+    seen = {name: [json.loads((tmp_path / f"outputs-{name}-rank{r}.json").read_text()) for r in range(n)]
+            for name, n in (("plain", 1), ("pipedream_flush", 2), ("pipedream_2bw", 2))}  # fmt: skip
+    plain = seen["plain"][0]
+    assert len(plain) == 6
+    flush = seen["pipedream_flush"]
+    assert flush[0] == flush[1]  # every rank, bit for bit
+    assert flush[0] == pytest.approx(plain, rel=1e-5)  # the single-device losses (micro-batched sums)
+    last, first = seen["pipedream_2bw"]  # rank 0 holds the last stage
+    assert last == pytest.approx(plain[:1] + last[1:]) and last[0] == plain[0]  # its own, at once
+    # the others: two steps late (the newest payload is left in flight so that nothing waits)
+    assert first[2:] == last[:-2] and all(math.isnan(x) for x in first[:2])

@@ -8,6 +8,8 @@ Usage: python fit_contract.py OUT_DIR CASE
   ragged:         loaders whose last batch is smaller than microbatches, synchronous policies and a plain
                   Trainer; saves OUT_DIR/<name>.pt
   ragged_async:   the same with pipedream_2bw (must fail before step 1)
+  outputs:        every rank's on_train_batch_end outputs, a plain Trainer, pipedream_flush and
+                  pipedream_2bw on 2 stages
   two_optimizers: a module whose configure_optimizers returns two optimizers over the first and
                   the last layer, on 2 stages (must fail at setup with the strategy's message)
 """
@@ -24,6 +26,23 @@ from lightning_asyncpipe import AsyncPipeStrategy  # noqa: E402
 from tests.helpers.models import SeqRegressor, loader, regression_data  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+class Outputs(L.Callback):
+    """Every rank's on_train_batch_end outputs (the step's loss), to OUT_DIR/outputs-<name>-rank<r>.json."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.losses = path, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
+
+    def on_train_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        import json
+
+        with open(f"{self.path}-rank{trainer.global_rank}.json", "w") as f:
+            json.dump(self.losses, f)
 
 
 class TwoOptimizers(SeqRegressor):
@@ -83,6 +102,16 @@ def main() -> None:
             trainer.fit(model, loader(regression_data(56), 8))
             if trainer.global_rank == 0:
                 torch.save({"state": model.state_dict(), "steps": trainer.global_step}, os.path.join(out, f"{name}.pt"))
+    elif case == "outputs":  # what callbacks get as a step's outputs, on every rank
+        for name in ("plain", "pipedream_flush", "pipedream_2bw"):
+            L.seed_everything(0)
+            trainer = L.Trainer(
+                accelerator="cpu", devices=1 if name == "plain" else 2, max_epochs=1, logger=False,
+                strategy="auto" if name == "plain" else AsyncPipeStrategy(policy=name, microbatches=2),
+                enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                callbacks=[Outputs(os.path.join(out, f"outputs-{name}"))],
+            )  # fmt: skip
+            trainer.fit(SeqRegressor(optimizer="adamw", lr=0.02, depth=4), loader(regression_data(48), 8))
     elif case == "two_optimizers":
         L.seed_everything(0)
         fit(TwoOptimizers(depth=3), 2, AsyncPipeStrategy(policy="pipedream_flush", microbatches=2))
