@@ -30,7 +30,8 @@ from torch.optim import Optimizer
 from lightning_asyncpipe.comm import PipelineGroups, TorchP2PTransport
 from lightning_asyncpipe.executor import PipelineExecutor
 from lightning_asyncpipe.microbatch import microbatch_weights, signature, split
-from lightning_asyncpipe.partition import Balance, Partition, partition_module
+from lightning_asyncpipe.locate import Balance
+from lightning_asyncpipe.partition import Partition, partition_module
 from lightning_asyncpipe.split import StageProgram
 from lightning_asyncpipe.pipeline import StagePipeline
 from lightning_asyncpipe.policies import WeightPolicy, get_policy

@@ -41,35 +41,23 @@ from torch.utils import _pytree as pytree
 
 from lightning_asyncpipe.capture import Captured, call_signature, capture
 from lightning_asyncpipe.errors import AsyncPipeError, PipelineConfigError
-from lightning_asyncpipe.locate import (  # noqa: F401 - part of this module's API
-    MEASURED_BALANCES,
+from lightning_asyncpipe.locate import (
     Balance,
     _placeholder_call,
     _unit_costs,
     balance_by_cost,
     check_parameters_inside,
     compute_balance,
-    example_call,
     find_pipelined,
-    find_sequential,
     find_units,
 )
 from lightning_asyncpipe.split import StageProgram, called_modules, install, meta_values, resolve, split_graph
 
 __all__ = [
-    "Balance",
-    "MEASURED_BALANCES",
     "StageModule",
     "Partition",
-    "find_pipelined",
-    "find_sequential",
-    "check_parameters_inside",
-    "compute_balance",
-    "balance_by_cost",
-    "find_units",
     "Plan",
     "plan_partition",
-    "example_call",
     "partition_module",
     "restore_module",
     "computing",

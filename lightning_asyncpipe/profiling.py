@@ -8,7 +8,7 @@ forward saves for backward (counted through ``torch.autograd.graph.saved_tensors
 every micro-batch a stage holds in flight (up to ``min(microbatches, stages)`` in 1F1B).
 
 ``balance="time"`` then minimises the slowest stage's forward + backward time, ``"memory"`` the
-largest stage's memory (:func:`~lightning_asyncpipe.partition.balance_by_cost`). Every rank
+largest stage's memory (:func:`~lightning_asyncpipe.locate.balance_by_cost`). Every rank
 profiles its own device; the strategy averages the profiles over ranks so all agree.
 """
 

@@ -33,15 +33,8 @@ from lightning_asyncpipe.handoff import StepHandoff
 from lightning_asyncpipe.launch import ScriptLauncher, reset_after_hydra_job
 from lightning_asyncpipe.metrics import PipelineMetrics
 from lightning_asyncpipe.pipeline import StagePipeline
-from lightning_asyncpipe.partition import (
-    MEASURED_BALANCES,
-    Balance,
-    Partition,
-    example_call,
-    find_pipelined,
-    partition_module,
-    restore_module,
-)
+from lightning_asyncpipe.locate import MEASURED_BALANCES, Balance, example_call, find_pipelined
+from lightning_asyncpipe.partition import Partition, partition_module, restore_module
 from lightning_asyncpipe.strategy_checks import ChecksGlue
 from lightning_asyncpipe.strategy_handoff import HandOffGlue
 from lightning_asyncpipe.strategy_launch import LaunchGlue

@@ -12,14 +12,14 @@ from torch import nn
 
 from lightning_asyncpipe.errors import PipelineConfigError
 from lightning_asyncpipe.policies import policy_class
-from lightning_asyncpipe.partition import (
+from lightning_asyncpipe.locate import (
     MEASURED_BALANCES,
     balance_by_cost,
     check_parameters_inside,
     example_call,
     find_pipelined,
-    plan_partition,
 )
+from lightning_asyncpipe.partition import plan_partition
 from lightning_asyncpipe.profiling import layer_costs, profile_layers, sequential_input
 
 __all__ = ["ChecksGlue"]

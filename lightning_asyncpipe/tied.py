@@ -40,9 +40,10 @@ __all__ = ["SharedParameters"]
 class _Mirror:
     """A holder's read-only copy of a parameter another stage owns, by version."""
 
-    def __init__(self, name: str, param: nn.Parameter, places: list[tuple[nn.Module, str]], owner_rank: int,
-                 group: Any) -> None:  # fmt: skip
-        self.name, self.param, self.places, self.owner_rank, self.group = name, param, places, owner_rank, group
+    def __init__(self, name: str, param: nn.Parameter, places: list[tuple[nn.Module, str]], owner_stage: int,
+                 owner_rank: int, group: Any) -> None:  # fmt: skip
+        self.name, self.param, self.places, self.group = name, param, places, group
+        self.owner_stage, self.owner_rank = owner_stage, owner_rank
         self.latest: Optional[int] = None
         self.versions: dict[int, Tensor] = {}
         self.used: dict[int, int] = {}  # micro-batch -> version, until its batch's update
@@ -146,7 +147,6 @@ class SharedParameters:
         self._owned: dict[str, tuple[str, list[int], Any]] = {}  # name -> (name in module, holder ranks, group)
         self._sends: list[Any] = []
         self._mirrors: dict[str, _Mirror] = {}
-        self._owner_stage: dict[str, int] = {}
         groups: dict[str, Any] = {}
         for name in sorted(shared):
             for replica in range(topology.n_replicas):
@@ -156,7 +156,6 @@ class SharedParameters:
                     groups[name] = (group, ranks)
         for name, (group, ranks) in groups.items():
             param, owner = params[name], shared[name][0]
-            places = [(m, n) for m in module.modules() for n, p in m._parameters.items() if p is param]
             if stage == owner:
                 local = next(n for n, p in module.named_parameters(remove_duplicate=False) if p is param)
                 self._owned[name] = (local, ranks[1:], group)
@@ -164,11 +163,11 @@ class SharedParameters:
                     for r in ranks[1:]:
                         dist.send(param.detach().contiguous(), dst=r, group=group)
             else:
-                mirror = _Mirror(name, param, places, ranks[0], group)
+                places = [(m, n) for m in module.modules() for n, p in m._parameters.items() if p is param]
+                mirror = _Mirror(name, param, places, owner, ranks[0], group)
                 with torch.no_grad():
                     dist.recv(mirror.current(), src=ranks[0], group=group)
                 self._mirrors[name] = mirror
-                self._owner_stage[name] = owner
         self._module = module
 
     def __bool__(self) -> bool:
@@ -192,9 +191,9 @@ class SharedParameters:
 
     def select(self, microbatch: int, training: bool) -> None:
         """Put into the mirrors the owner's version that the passes of ``microbatch`` use."""
-        for name, mirror in self._mirrors.items():
+        for mirror in self._mirrors.values():
             if training:
-                version = self.policy.forward_version_at(self._owner_stage[name], microbatch)
+                version = self.policy.forward_version_at(mirror.owner_stage, microbatch)
                 version = mirror.used.setdefault(microbatch, version)
             else:
                 version = mirror.latest  # type: ignore[assignment]

@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_asyncpipe.partition import compute_balance
+from lightning_asyncpipe.locate import compute_balance
 from lightning_asyncpipe.reference import reference_train
 from tests.helpers.launch import run_script
 from tests.helpers.models import SeqRegressor, loader, regression_data

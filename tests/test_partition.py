@@ -11,16 +11,8 @@ import torch
 from torch import nn
 
 from lightning_asyncpipe.errors import AsyncPipeError, BalanceError, PipelineConfigError
-from lightning_asyncpipe.partition import (
-    StageModule,
-    balance_by_cost,
-    check_parameters_inside,
-    compute_balance,
-    computing,
-    find_sequential,
-    partition_module,
-    restore_module,
-)
+from lightning_asyncpipe.locate import balance_by_cost, check_parameters_inside, compute_balance, find_sequential
+from lightning_asyncpipe.partition import StageModule, computing, partition_module, restore_module
 
 
 class Holder(nn.Module):

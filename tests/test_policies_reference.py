@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from lightning_asyncpipe.partition import compute_balance
+from lightning_asyncpipe.locate import compute_balance
 from lightning_asyncpipe.reference import reference_train
 from tests.helpers import engine_cases as C
 from tests.helpers.launch import run_script

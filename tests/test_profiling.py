@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_asyncpipe import PipelineConfigError
 from lightning_asyncpipe.errors import BalanceError
-from lightning_asyncpipe.partition import balance_by_cost, compute_balance
+from lightning_asyncpipe.locate import balance_by_cost, compute_balance
 from lightning_asyncpipe.profiling import layer_costs, profile_layers, sequential_input
 from tests.helpers.launch import run_script
 from tests.helpers.models import SeqRegressor
