@@ -178,6 +178,7 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         self._pending_payloads: list[Any] = []
         self._failed = False
         self._data_seed: Optional[int] = None
+        self._skipping = False  # a training step returned None (see world_size)
         self._parent_watch: Optional[ParentWatch] = None
 
     # ------------------------------------------------------------------ topology and launch
@@ -265,13 +266,21 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         self._replay_pending()
         step = self._user_step(self.lightning_module.training_step, args, training=True)
         with self.precision_plugin.train_step_context(), self._recording():
-            self._pipeline.train_step(step, len(step.microbatches))
-        output = self._hand_off(step.merged_outputs(), self._recorder.pop(), training=True)
+            skipped = step.skipped()
+            if not skipped:
+                self._pipeline.train_step(step, len(step.microbatches))
+        if skipped:
+            # Lightning's way to skip a batch, decided alike on every stage before any stage runs it
+            self._skip_step()
+            output = None
+        else:
+            output = self._hand_off(step.merged_outputs(), self._recorder.pop(), training=True)
         drain_due = self._drain_due()
         if drain_due:
             self.drain()
             self._replay_pending()  # the epoch's (or fit's) last records, on every stage
-        self._account_step(args[0], started, drain_due)
+        if not skipped:
+            self._account_step(args[0], started, drain_due)
         return output
 
     def _drain_due(self) -> bool:

@@ -242,7 +242,9 @@ class LaunchGlue:
         # While Lightning runs the setup hooks (DataModule.setup sizes per-device batches and
         # samplers as `batch_size // trainer.world_size`, the data-parallel convention), the world
         # is the data-parallel replicas: every pipeline gets the user's whole batch.
-        if getattr(self, "_in_setup_hooks", False):
+        # The same while Lightning checks a skipped training step (`training_step` returned None):
+        # every stage skipped it alike, so only data-parallel replicas could disagree.
+        if getattr(self, "_in_setup_hooks", False) or getattr(self, "_skipping", False):
             return self.topology.n_replicas
         return super().world_size  # type: ignore[misc]
 

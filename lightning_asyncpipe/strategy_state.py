@@ -5,7 +5,8 @@ optimizer state and pipeline state (mixed into :class:`~lightning_asyncpipe.stra
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
+from contextlib import contextmanager
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -104,6 +105,16 @@ class StateGlue:
         if self._shared:
             self._shared.after_update()  # the owner sends the new weights to the other holders
 
+    def _skip_step(self) -> None:
+        """A batch the user's ``training_step`` skipped (returned ``None``), on every stage. Like
+        Lightning, the optimizer still steps at the end of a gradient-accumulation window, over the
+        window's other batches (accumulation is synchronous only: nothing is in flight)."""
+        assert self.lightning_module is not None and self._pipeline is not None
+        self._skipping = True  # Lightning's check of a None step output sees the replicas only
+        trainer = self.lightning_module.trainer
+        if trainer.accumulate_grad_batches > 1 and not trainer.fit_loop.epoch_loop._should_accumulate():
+            self._apply_update(max(self._pipeline.step - 1, 0))
+
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
         """Clip by the norm over *all* stages for synchronous policies (exactly what one device does),
         by the stage's own norm for asynchronous ones (stages update at different times)."""
@@ -131,7 +142,18 @@ class StateGlue:
     @override
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         # Running the closure runs training_step, i.e. the pipeline, whose U actions apply the updates.
-        return closure()
+        try:
+            return closure()
+        finally:
+            self._skipping = False
+
+    @contextmanager
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        # Lightning runs the closure of a batch inside an accumulation window here (no optimizer_step)
+        try:
+            yield None
+        finally:
+            self._skipping = False
 
     def _gather_stages_to_zero(self, local: Any) -> Optional[list[Any]]:
         assert self._groups is not None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, overload
 
 import torch
 from torch import Tensor
@@ -125,7 +125,13 @@ class UserStep:
         finally:
             self.stage_module.call_handler = None
 
-    def _capture(self, microbatch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    @overload
+    def _capture(self, microbatch: int) -> tuple[tuple[Any, ...], dict[str, Any]]: ...
+
+    @overload
+    def _capture(self, microbatch: int, allow_skip: bool) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]: ...
+
+    def _capture(self, microbatch: int, allow_skip: bool = False) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
         def capture(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             raise _StageExit(args, kwargs)
 
@@ -136,10 +142,28 @@ class UserStep:
             return exit_.args_, exit_.kwargs
         finally:
             self.recorder.enabled = True
+        if result is None and allow_skip and self.training:
+            return None
         raise self._never_called(result)
 
+    def skipped(self) -> bool:
+        """Whether the step skips this batch: it returns ``None`` before calling the pipelined module
+        (Lightning's way to skip a batch) for some micro-batch.
+
+        Runs the step up to the call for every micro-batch, on every stage (each stage's process
+        loads the same batch, so every stage decides alike without a message); the captured calls
+        serve the stage's forwards. A skipped batch runs nothing on any stage."""
+        for j in range(self.first, self.first + len(self.microbatches)):
+            call = self._capture(j, allow_skip=True)
+            if call is None:
+                self._calls.clear()
+                return True
+            self._calls[j] = call
+        return False
+
     def stage_inputs(self, microbatch: int) -> tuple[Tensor, ...]:
-        args, kwargs = self._calls[microbatch] = self._capture(microbatch)
+        call = self._calls.get(microbatch)
+        args, kwargs = self._calls[microbatch] = call if call is not None else self._capture(microbatch)
         return Partition.inputs(args, kwargs)
 
     def stage_program(self, microbatch: int) -> StageProgram:
@@ -175,12 +199,19 @@ class UserStep:
         self.outputs[microbatch] = result
         if not self.training:
             return None
+        if result is None:
+            raise PipelineConfigError(
+                f"{self.fn.__name__} returned None after calling the pipelined module '{self.stage_module.attr}' "
+                f"(micro-batch {microbatch}): every stage has run this micro-batch's forward by then, so the batch "
+                "cannot be skipped any more. Decide before the call (return None before self(x) to skip the batch "
+                "on every stage), or return the loss multiplied by 0."
+            )
         loss = result.get("loss") if isinstance(result, dict) else result
         return loss * (self.weights[microbatch - self.first] * self.loss_scale) if isinstance(loss, Tensor) else loss
 
     def _never_called(self, result: Any = ...) -> PipelineConfigError:
-        skipping = (" Returning None to skip a batch is not supported by AsyncPipeStrategy yet: every stage runs the "
-                    "micro-batch; return the loss multiplied by 0 instead.") if result is None else ""  # fmt: skip
+        skipping = (" Returning None skips a training batch (before the call); evaluation steps cannot skip."
+                    ) if result is None else ""  # fmt: skip
         return PipelineConfigError(
             f"{self.fn.__name__} returned without calling the pipelined module "
             f"'{self.stage_module.attr}'. AsyncPipeStrategy runs it once per micro-batch and expects it to call that "

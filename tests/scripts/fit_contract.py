@@ -10,6 +10,9 @@ Usage: python fit_contract.py OUT_DIR CASE
   ragged_async:   the same with pipedream_2bw (must fail before step 1)
   outputs:        every rank's on_train_batch_end outputs, a plain Trainer, pipedream_flush and
                   pipedream_2bw on 2 stages
+  skip:           training_step returns None for batches 2 and 5 of each epoch: a plain Trainer and
+                  pipedream_flush, the same with accumulate_grad_batches=2 (gpipe), pipedream_2bw and
+                  pipedream_2bw on the loader without those batches; saves OUT_DIR/<name>.pt
   two_optimizers: a module whose configure_optimizers returns two optimizers over the first and
                   the last layer, on 2 stages (must fail at setup with the strategy's message)
 """
@@ -43,6 +46,15 @@ class Outputs(L.Callback):
 
         with open(f"{self.path}-rank{trainer.global_rank}.json", "w") as f:
             json.dump(self.losses, f)
+
+
+class Skipping(SeqRegressor):
+    """Skips batches 2 and 5 of each epoch the Lightning way: training_step returns None first."""
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if batch_idx in (2, 5):
+            return None
+        return super().training_step(batch, batch_idx)
 
 
 class TwoOptimizers(SeqRegressor):
@@ -112,6 +124,25 @@ def main() -> None:
                 callbacks=[Outputs(os.path.join(out, f"outputs-{name}"))],
             )  # fmt: skip
             trainer.fit(SeqRegressor(optimizer="adamw", lr=0.02, depth=4), loader(regression_data(48), 8))
+    elif case == "skip":  # 6 batches per epoch, 2 and 5 (the last) skipped; the async run also without them
+        data = regression_data(48)
+        kept = torch.utils.data.Subset(data, [i for i in range(48) if i // 8 not in (2, 5)])
+        for name, policy, accumulate in (("plain", None, 1), ("pipedream_flush", "pipedream_flush", 1),
+                                         ("plain_acc", None, 2), ("gpipe_acc", "gpipe", 2),
+                                         ("pipedream_2bw", "pipedream_2bw", 1), ("pipedream_2bw_kept", "pipedream_2bw", 1)):  # fmt: skip
+            L.seed_everything(0)
+            asynchronous = policy == "pipedream_2bw"
+            model = (SeqRegressor if name.endswith("kept") else Skipping)(
+                optimizer="adamw", lr=0.02, depth=4, scheduler=not asynchronous)
+            trainer = L.Trainer(
+                accelerator="cpu", devices=1 if policy is None else 2, max_epochs=2, logger=False,
+                strategy="auto" if policy is None else AsyncPipeStrategy(policy=policy, microbatches=2),
+                accumulate_grad_batches=accumulate, enable_progress_bar=False, enable_model_summary=False,
+                enable_checkpointing=False,
+            )  # fmt: skip
+            trainer.fit(model, loader(kept if name.endswith("kept") else data, 8))
+            if trainer.global_rank == 0:
+                torch.save({"state": model.state_dict(), "steps": trainer.global_step}, os.path.join(out, f"{name}.pt"))
     elif case == "two_optimizers":
         L.seed_everything(0)
         fit(TwoOptimizers(depth=3), 2, AsyncPipeStrategy(policy="pipedream_flush", microbatches=2))
