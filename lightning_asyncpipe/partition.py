@@ -323,17 +323,27 @@ def _set_submodule(module: nn.Module, attr: str, value: nn.Module) -> None:
     setattr(module.get_submodule(owner) if owner else module, leaf, value)
 
 
+def materialize(module: nn.Module, state: Mapping[str, Tensor], prefix: str, device: torch.device) -> None:
+    """Give ``module``'s meta parameters and buffers (the other stages' layers) real, zeroed storage
+    on ``device``, in the dtype of their entry ``prefix + name`` of ``state`` (a stage's precision
+    plugin converts the stage's modules, not the meta copies of the others)."""
+    for owner, m in module.named_modules():
+        for name, t in [*m._parameters.items(), *m._buffers.items()]:
+            if t is None or not t.is_meta:
+                continue
+            found = state.get(f"{prefix}{owner}.{name}" if owner else f"{prefix}{name}")
+            fresh = torch.zeros_like(t, device=device, dtype=found.dtype if found is not None else t.dtype)
+            if name in m._parameters:
+                torch.utils.swap_tensors(t, nn.Parameter(fresh, t.requires_grad))
+            else:
+                m._buffers[name] = fresh
+
+
 def restore_module(module: nn.Module, part: Partition, full_state: Mapping[str, Tensor]) -> None:
     """Put the whole pipelined module back into ``module`` with the weights of ``full_state`` (a
     ``module.state_dict()``-shaped mapping holding every stage's tensors)."""
     device = next((t.device for t in part.local.state_dict().values()), torch.device("cpu"))
-    for m in part.original.modules():
-        for name, p in m._parameters.items():
-            if p is not None and p.is_meta:
-                torch.utils.swap_tensors(p, nn.Parameter(torch.empty_like(p, device=device), p.requires_grad))
-        for name, b in m._buffers.items():
-            if b is not None and b.is_meta:
-                m._buffers[name] = torch.empty_like(b, device=device)
+    materialize(part.original, full_state, part.attr + ".", device)
     part.original.train(part.local.training)
     _set_submodule(module, part.attr, part.original)
     for names in part.aliases:  # a policy may have given one of the names a new parameter object

@@ -25,7 +25,7 @@ from lightning_asyncpipe.checkpoint import (
     optimizer_state_by_name,
 )
 from lightning_asyncpipe.errors import PipelineConfigError
-from lightning_asyncpipe.partition import Partition
+from lightning_asyncpipe.partition import Partition, materialize
 from lightning_asyncpipe.policies import policy_class
 from lightning_asyncpipe.policies.base import StepFn
 from lightning_asyncpipe.strategy_handoff import _to_cpu
@@ -253,12 +253,8 @@ def _whole_hparams(hparams: Mapping[str, Any], part: Partition, state: Mapping[s
             whole = copy.deepcopy(part.original)
             for m in whole.modules():
                 m.__dict__.pop("forward", None)  # the deferred-weight-gradient forwards of linear layers
-                for name, t in [*m._parameters.items(), *m._buffers.items()]:
-                    if t is not None and t.is_meta:
-                        holder = m._parameters if name in m._parameters else m._buffers
-                        fresh = torch.zeros_like(t, device="cpu")
-                        holder[name] = nn.Parameter(fresh, t.requires_grad) if isinstance(t, nn.Parameter) else fresh
             prefix = part.attr + "."
+            materialize(whole, state, prefix, torch.device("cpu"))
             whole.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=False)
         out[key] = copy.deepcopy(value, memo={id(part.local): whole})
     return out
