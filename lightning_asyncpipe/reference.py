@@ -25,6 +25,13 @@ pipelined_backprop     as pipedream; ``W - lr*gap*v`` with LWP    ``W(k)``
 ``s`` applies the batch's mean gradient to the newest weights with the learning rate the
 scheduler gave for step ``k`` (whenever the stage gets to apply it). Asynchronous policies clip
 gradients per stage; synchronous ones by the norm over all stages.
+
+Gradient accumulation (``accumulate_grad_batches=K``): synchronous policies accumulate as one
+device does; for an asynchronous policy a window of ``K`` consecutive batches of ``m``
+micro-batches *is* one batch of ``K*m`` micro-batches (one update, one version), so its
+specification is this one with the window's batches concatenated and ``microbatches=K*m``
+(each micro-batch's loss weighted by its share of its own batch times ``1/K``, which is its
+share of the window when batches are equal).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
@@ -46,7 +46,8 @@ from lightning_asyncpipe.policies import WeightPolicy, available_policies, get_p
 from lightning_asyncpipe.topology import Topology
 from lightning_asyncpipe.trace import TimelineRecorder
 from lightning_asyncpipe.watchdog import ParentWatch
-from lightning_asyncpipe.user_step import LogRecorder
+from lightning_asyncpipe.strategy_handoff import _to_device
+from lightning_asyncpipe.user_step import LogRecorder, StepWindow, UserStep
 
 __all__ = ["AsyncPipeStrategy"]
 
@@ -179,6 +180,8 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         self._failed = False
         self._data_seed: Optional[int] = None
         self._skipping = False  # a training step returned None (see world_size)
+        self._per_update = microbatches  # micro-batches per update (setup: times an asynchronous accumulation)
+        self._window: list[UserStep] = []  # the batches of an asynchronous accumulation window so far
         self._parent_watch: Optional[ParentWatch] = None
 
     # ------------------------------------------------------------------ topology and launch
@@ -217,9 +220,14 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
             # by design the first update of an asynchronous stage comes after the scheduler's first step
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
         stage, replica = self.stage, self.replica
-        self._policy.bind(stage, topo.n_stages, self.microbatches, self._partition.local,
+        # micro-batches per update: an asynchronous policy trains an accumulation window of K batches
+        # as one batch of K x microbatches (synchronous ones accumulate as Lightning does)
+        window = trainer.accumulate_grad_batches if not self._policy.synchronous else 1
+        self._per_update = self.microbatches * window
+        self._window = []
+        self._policy.bind(stage, topo.n_stages, self._per_update, self._partition.local,
                           self.optimizers[0] if self.optimizers else None)  # fmt: skip
-        self._shared.bind(self._policy, self.microbatches)
+        self._shared.bind(self._policy, self._per_update)
         transport = TorchP2PTransport(
             prev_rank=topo.rank_of(stage - 1, replica) if stage > 0 else None,
             next_rank=topo.rank_of(stage + 1, replica) if stage < topo.n_stages - 1 else None,
@@ -235,7 +243,7 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         self._executor.check_finite = self.detect_anomaly
         if self._shared:
             self._executor.select_shared = self._shared.select
-        self._pipeline = StagePipeline(self._executor, self.microbatches, self.optimizers[0] if self.optimizers else None)
+        self._pipeline = StagePipeline(self._executor, self._per_update, self.optimizers[0] if self.optimizers else None)
         if trainer.state.fn == TrainerFn.FITTING:
             # checkpoints hold this one's state, also when saved after fit and a later validate/test
             self._fit_pipeline = self._pipeline
@@ -264,24 +272,46 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         assert self._pipeline is not None and self.lightning_module is not None
         started = time.perf_counter()
         self._replay_pending()
-        step = self._user_step(self.lightning_module.training_step, args, training=True)
+        step: Union[UserStep, StepWindow] = self._user_step(self.lightning_module.training_step, args, training=True)
         with self.precision_plugin.train_step_context(), self._recording():
             skipped = step.skipped()
-            if not skipped:
+            if not skipped and self._per_update > self.microbatches:
+                # an asynchronous accumulation window: its batches run as one pipeline step
+                self._window.append(step)
+                step = StepWindow(self._window)
+            waiting = not skipped and len(step.microbatches) < self._per_update and not self._policy.synchronous
+            if not skipped and not waiting:
                 self._pipeline.train_step(step, len(step.microbatches))
+                self._window = []
         if skipped:
             # Lightning's way to skip a batch, decided alike on every stage before any stage runs it
             self._skip_step()
             output = None
+        elif waiting:
+            output = self._waiting_output()
         else:
             output = self._hand_off(step.merged_outputs(), self._recorder.pop(), training=True)
         drain_due = self._drain_due()
+        if drain_due and self._window:
+            raise PipelineConfigError(
+                f"The epoch ended inside an accumulation window ({len(self._window)} of "
+                f"{self._per_update // self.microbatches} batches): with policy={self.policy_name!r} those batches "
+                "would form an update of fewer micro-batches than the others. Skipped batches (training_step returning "
+                "None) and accumulate_grad_batches do not mix under an asynchronous policy; use a synchronous one."
+            )
         if drain_due:
             self.drain()
             self._replay_pending()  # the epoch's (or fit's) last records, on every stage
-        if not skipped:
+        if not skipped and not waiting:
             self._account_step(args[0], started, drain_due)
         return output
+
+    def _waiting_output(self) -> Any:
+        """A batch waiting in an asynchronous accumulation window has run nothing yet: the latest
+        step output (a NaN loss before the first)."""
+        if self._last_output is None:
+            return {"loss": torch.tensor(float("nan"), device=self.root_device)}
+        return _to_device(self._last_output, self.root_device)
 
     def _drain_due(self) -> bool:
         """Whether this step ends an epoch or the fit: the pipeline must be empty afterwards."""
@@ -292,7 +322,8 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         # the data ran out, or limit_train_batches was reached
         last_batch = loop.epoch_loop.batch_progress.is_last_batch or loop.epoch_loop._num_ready_batches_reached()
         max_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
-        final_step = max_steps is not None and trainer.global_step + 1 >= max_steps
+        # (global_step counts optimizer steps: with accumulation the final one ends the last window)
+        final_step = max_steps is not None and trainer.global_step + 1 >= max_steps and not loop.epoch_loop._should_accumulate()
         return bool(last_batch or final_step)
 
     def _wrap_hooks(self, module: LightningModule) -> None:

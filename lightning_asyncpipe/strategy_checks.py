@@ -58,13 +58,6 @@ class ChecksGlue:
 
     def _check_trainer(self, trainer: Trainer) -> None:
         name = type(self).__name__
-        if trainer.accumulate_grad_batches != 1 and not policy_class(self.policy_name).synchronous:
-            raise PipelineConfigError(
-                f"{name}(policy={self.policy_name!r}) does not support accumulate_grad_batches="
-                f"{trainer.accumulate_grad_batches}: an asynchronous policy applies one update per batch (its weight "
-                "versions count batches). Use a larger batch (or more micro-batches) instead, or a synchronous "
-                "policy (gpipe, pipedream_flush), which accumulates as Lightning does."
-            )
         scaler = getattr(self.precision_plugin, "scaler", None)
         if scaler is not None:
             raise PipelineConfigError(

@@ -30,7 +30,8 @@ class HandOffGlue:
         short = not training or self._policy.synchronous
         chunks = min(self.microbatches, batch_size(args[0])) if short else self.microbatches
         microbatches = split(args[0], chunks)
-        first = self._pipeline.first_microbatch if training else 0
+        # an asynchronous accumulation window's later batches follow the ones waiting in it
+        first = self._pipeline.first_microbatch + len(self._window) * self.microbatches if training else 0
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         scale = 1.0 / trainer.accumulate_grad_batches if training and trainer is not None else 1.0
         return UserStep(fn, microbatches, first, tuple(args[1:]), self._partition,

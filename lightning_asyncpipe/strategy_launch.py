@@ -70,22 +70,38 @@ class LaunchGlue:
 
     def _check_last_batch(self, dataloader: Any) -> None:
         """Asynchronous policies: a training loader whose last batch holds fewer samples than
-        ``microbatches`` fails here, before the first step, rather than at the end of an epoch of
-        work (synchronous policies run such a batch on fewer micro-batches)."""
+        ``microbatches`` (or whose batches do not fill whole accumulation windows) fails here,
+        before the first step, rather than at the end of an epoch of work (synchronous policies
+        run such a batch on fewer micro-batches)."""
         size, drop_last = getattr(dataloader, "batch_size", None), getattr(dataloader, "drop_last", True)
         sampler = getattr(dataloader, "sampler", None)
         try:
             n = len(sampler) if sampler is not None else len(dataloader.dataset)
         except TypeError:  # an iterable without a length: nothing to check
             return
-        last = n % size if isinstance(size, int) and size > 0 and not drop_last else 0
+        if not isinstance(size, int) or size <= 0:
+            return
+        last = n % size if not drop_last else 0
+        batches = -(-n // size) if not drop_last else n // size
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is not None and last:  # does training reach the last batch at all?
-            batches, limit = -(-n // size), trainer.limit_train_batches
-            limited = limit is not None and ((isinstance(limit, int) and limit < batches) or
-                                             (isinstance(limit, float) and limit < 1.0))  # fmt: skip
-            if limited or 0 <= trainer.max_steps < batches:
-                return
+        trained, window = batches, 1
+        if trainer is not None:  # the batches an epoch trains (limit_train_batches)
+            limit = trainer.limit_train_batches
+            if isinstance(limit, int):
+                trained = min(batches, limit)
+            elif isinstance(limit, float) and limit < 1.0:
+                trained = int(batches * limit)
+            window = trainer.accumulate_grad_batches
+        if window > 1 and trained % window:
+            raise PipelineConfigError(
+                f"{type(self).__name__}(policy={self.policy_name!r}) with accumulate_grad_batches={window}: an epoch "
+                f"trains {trained} batches, not a multiple of {window}. An asynchronous policy trains every {window} "
+                f"batches as one update of {window} x {self.microbatches} micro-batches and cannot end an epoch inside "
+                "one. Use a number of batches per epoch divisible by accumulate_grad_batches (drop_last=True, the "
+                "dataset or batch size, limit_train_batches), or a synchronous policy (gpipe, pipedream_flush)."
+            )
+        if trained < batches or (trainer is not None and 0 <= trainer.max_steps * window < batches):
+            last = 0  # training does not reach the last batch
         if 0 < last < self.microbatches:
             raise PipelineConfigError(
                 f"{type(self).__name__}(microbatches={self.microbatches}): the training loader's last batch holds "

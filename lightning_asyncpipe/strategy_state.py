@@ -77,7 +77,8 @@ class StateGlue:
         if self._shared:
             self._shared.before_update(batch)  # the owner of a shared parameter gets the holders' gradients
         trainer = self.lightning_module.trainer
-        if trainer.accumulate_grad_batches > 1 and trainer.fit_loop.epoch_loop._should_accumulate():
+        if (trainer.accumulate_grad_batches > 1 and self._policy is not None and self._policy.synchronous
+                and trainer.fit_loop.epoch_loop._should_accumulate()):  # fmt: skip
             # accumulate_grad_batches (synchronous policies, whose U of a batch runs in its own step):
             # Lightning steps the optimizer after this batch only at the accumulation boundary; the
             # gradients stay for the next batch
@@ -112,7 +113,8 @@ class StateGlue:
         assert self.lightning_module is not None and self._pipeline is not None
         self._skipping = True  # Lightning's check of a None step output sees the replicas only
         trainer = self.lightning_module.trainer
-        if trainer.accumulate_grad_batches > 1 and not trainer.fit_loop.epoch_loop._should_accumulate():
+        if self._policy is not None and self._policy.synchronous and trainer.accumulate_grad_batches > 1 \
+                and not trainer.fit_loop.epoch_loop._should_accumulate():  # fmt: skip
             self._apply_update(max(self._pipeline.step - 1, 0))
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:

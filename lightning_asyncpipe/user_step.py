@@ -30,7 +30,7 @@ from lightning_asyncpipe.microbatch import merge, signature
 from lightning_asyncpipe.partition import Partition, StageModule
 from lightning_asyncpipe.split import StageProgram
 
-__all__ = ["UserStep", "LogRecord", "LogRecorder"]
+__all__ = ["UserStep", "StepWindow", "LogRecord", "LogRecorder"]
 
 
 class _StageExit(BaseException):
@@ -233,3 +233,39 @@ class UserStep:
         if all(isinstance(o, dict) for o in ordered):
             return {k: combine([o[k] for o in ordered]) for k in ordered[0]}
         return combine(ordered)
+
+
+@dataclass
+class StepWindow:
+    """The user steps of one gradient-accumulation window run as one pipeline step (asynchronous
+    policies): ``K`` batches of ``m`` micro-batches are one batch of ``K*m`` micro-batches, i.e.
+    one update (see :mod:`lightning_asyncpipe.reference`). Each micro-batch runs in its own
+    batch's step (its ``batch_idx``, its share ``n_i / N`` of its batch, times ``1/K``)."""
+
+    steps: Sequence[UserStep]
+
+    @property
+    def microbatches(self) -> list[Any]:
+        return [mb for step in self.steps for mb in step.microbatches]
+
+    def _step(self, microbatch: int) -> UserStep:
+        for step in self.steps:
+            if step.first <= microbatch < step.first + len(step.microbatches):
+                return step
+        raise IndexError(f"micro-batch {microbatch} is not in this window")
+
+    def key(self, microbatch: int) -> Any:
+        return self._step(microbatch).key(microbatch)
+
+    def stage_inputs(self, microbatch: int) -> tuple[Tensor, ...]:
+        return self._step(microbatch).stage_inputs(microbatch)
+
+    def stage_program(self, microbatch: int) -> StageProgram:
+        return self._step(microbatch).stage_program(microbatch)
+
+    def stage_outputs(self, microbatch: int, outputs: Any) -> Optional[Tensor]:
+        return self._step(microbatch).stage_outputs(microbatch, outputs)
+
+    def merged_outputs(self) -> Any:
+        """The last batch's outputs (what Lightning reports at the window's optimizer step)."""
+        return self.steps[-1].merged_outputs()
