@@ -34,6 +34,7 @@ class StrategyConfig:
     pipeline_metrics: bool = True
     detect_anomaly: bool = False  # NaN/Inf in stage outputs or the loss -> error naming stage and micro-batch
     defer_weight_grad: bool = True  # nn.Linear weight gradients once per batch (same result, faster)
+    step_outputs: str = "latest"  # async: "own" makes every rank wait for the step's own outputs
 
 
 @dataclass

@@ -89,6 +89,12 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         defer_weight_grad: compute ``nn.Linear`` weight gradients once per batch at the update
             instead of once per micro-batch (:mod:`lightning_asyncpipe.wgrad`): the same result,
             faster with small micro-batches; costs keeping each layer's output gradient until then.
+        step_outputs: what a training step returns on the ranks of the other stages (callbacks'
+            ``on_train_batch_end(outputs=...)``; the last stage always has its own). Synchronous
+            policies always give the step's own. Under an asynchronous policy ``"latest"`` gives the
+            newest that has arrived without waiting (two steps earlier); ``"own"`` makes every rank
+            wait at the step's end for the last stage to finish the step, which costs the overlap
+            across the step boundary.
         pipeline_metrics: log ``pipeline/stage{s}/...`` metrics (bubble, staleness, stashed
             weights, activations, transfer wait) and throughput every ``log_every_n_steps`` steps.
 
@@ -126,6 +132,7 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         pipeline_metrics: bool = True,
         detect_anomaly: bool = False,
         defer_weight_grad: bool = True,
+        step_outputs: Literal["latest", "own"] = "latest",
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -168,6 +175,9 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         self.pipeline_metrics = pipeline_metrics
         self.detect_anomaly = detect_anomaly
         self.defer_weight_grad = defer_weight_grad
+        if step_outputs not in ("latest", "own"):
+            raise PipelineConfigError(f"{name} takes step_outputs='latest' or 'own', got {step_outputs!r}.")
+        self.step_outputs = step_outputs
         self.measured_costs: Optional[list[float]] = None
         self.resolved_balance: Optional[list[int]] = None
         self._metrics: Optional[PipelineMetrics] = None

@@ -89,7 +89,8 @@ class HandOffGlue:
         if training:
             # synchronous policies: the step's own output (the last stage has finished the step's
             # losses before any other stage finishes its backward); asynchronous: one step late
-            payloads = self._handoff.exchange(self._pipeline.step - 1, payload, wait_current=self._policy.synchronous)
+            wait = self._policy.synchronous or self.step_outputs == "own"
+            payloads = self._handoff.exchange(self._pipeline.step - 1, payload, wait_current=wait)
         else:
             payloads = self._handoff.broadcast(payload)
         self._replay_payloads(payloads, records)

@@ -97,13 +97,14 @@ def test_callbacks_on_every_rank_get_the_steps_own_output_under_synchronous_poli
     """``on_train_batch_end(outputs=...)`` on the first stage's process got the loss of an earlier
     step (NaN at first) before issue 15. Synchronous policies now give every rank the step's own
     loss (the last stage has finished the step's losses before another stage finishes its
-    backward); asynchronous ones keep it two steps late there (no stage waits for the last one)."""
+    backward); asynchronous ones keep it two steps late there (no stage waits for the last one),
+    unless ``step_outputs="own"``."""
     import json
 
     result = run_script("fit_contract.py", tmp_path, "outputs", timeout=240)
     assert result.returncode == 0, result.output[-5000:]
     seen = {name: [json.loads((tmp_path / f"outputs-{name}-rank{r}.json").read_text()) for r in range(n)]
-            for name, n in (("plain", 1), ("pipedream_flush", 2), ("pipedream_2bw", 2))}  # fmt: skip
+            for name, n in (("plain", 1), ("pipedream_flush", 2), ("pipedream_2bw", 2), ("pipedream_2bw_own", 2))}  # fmt: skip
     plain = seen["plain"][0]
     assert len(plain) == 6
     flush = seen["pipedream_flush"]
@@ -113,6 +114,9 @@ def test_callbacks_on_every_rank_get_the_steps_own_output_under_synchronous_poli
     assert last == pytest.approx(plain[:1] + last[1:]) and last[0] == plain[0]  # its own, at once
     # the others: two steps late (the newest payload is left in flight so that nothing waits)
     assert first[2:] == last[:-2] and all(math.isnan(x) for x in first[:2])
+    # step_outputs="own": every rank waits for the step's own (the same losses as without waiting)
+    own = seen["pipedream_2bw_own"]
+    assert own[0] == own[1] == last
 
 
 def test_a_training_step_returning_none_skips_the_batch_on_every_stage(tmp_path) -> None:

@@ -8,8 +8,8 @@ Usage: python fit_contract.py OUT_DIR CASE
   ragged:         loaders whose last batch is smaller than microbatches, synchronous policies and a plain
                   Trainer; saves OUT_DIR/<name>.pt
   ragged_async:   the same with pipedream_2bw (must fail before step 1)
-  outputs:        every rank's on_train_batch_end outputs, a plain Trainer, pipedream_flush and
-                  pipedream_2bw on 2 stages
+  outputs:        every rank's on_train_batch_end outputs, a plain Trainer, pipedream_flush,
+                  pipedream_2bw, and pipedream_2bw with step_outputs="own" on 2 stages
   skip:           training_step returns None for batches 2 and 5 of each epoch: a plain Trainer and
                   pipedream_flush, the same with accumulate_grad_batches=2 (gpipe), pipedream_2bw and
                   pipedream_2bw on the loader without those batches; saves OUT_DIR/<name>.pt
@@ -118,11 +118,13 @@ def main() -> None:
             if trainer.global_rank == 0:
                 torch.save({"state": model.state_dict(), "steps": trainer.global_step}, os.path.join(out, f"{name}.pt"))
     elif case == "outputs":  # what callbacks get as a step's outputs, on every rank
-        for name in ("plain", "pipedream_flush", "pipedream_2bw"):
+        for name in ("plain", "pipedream_flush", "pipedream_2bw", "pipedream_2bw_own"):
             L.seed_everything(0)
+            policy, _, own = name.partition("_own")
             trainer = L.Trainer(
                 accelerator="cpu", devices=1 if name == "plain" else 2, max_epochs=1, logger=False,
-                strategy="auto" if name == "plain" else AsyncPipeStrategy(policy=name, microbatches=2),
+                strategy="auto" if name == "plain" else AsyncPipeStrategy(
+                    policy=policy, microbatches=2, step_outputs="own" if name.endswith("_own") else "latest"),
                 enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                 callbacks=[Outputs(os.path.join(out, f"outputs-{name}"))],
             )  # fmt: skip
