@@ -129,12 +129,15 @@ def test_unknown_policy() -> None:
         AsyncPipeStrategy(policy="pipedraem")
 
 
-def test_accumulate_grad_batches_rejected_at_setup_by_asynchronous_policies() -> None:
-    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=AsyncPipeStrategy(policy="pipedream_2bw"),
-                        accumulate_grad_batches=2,
-                        max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False)  # fmt: skip
-    with pytest.raises(PipelineConfigError, match="accumulate_grad_batches=2"):
-        trainer.fit(SeqRegressor(), loader(regression_data(), 8))
+def test_an_accumulation_window_an_epoch_cannot_fill_is_refused_before_the_first_step() -> None:
+    """Asynchronous policies train a window of K batches as one update: 7 batches an epoch in
+    windows of 2 fail when the loader is set up (before issue 15: any K > 1 was refused)."""
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=AsyncPipeStrategy(policy="pipedream_2bw", microbatches=2),
+                        accumulate_grad_batches=2, max_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False)  # fmt: skip
+    with pytest.raises(PipelineConfigError, match="accumulate_grad_batches=2: an epoch trains 7 batches, not a multiple of 2"):
+        trainer.fit(SeqRegressor(), loader(regression_data(56), 8))
+    assert trainer.global_step == 0
 
 
 def test_gradient_scaler_rejected() -> None:

@@ -15,7 +15,6 @@ Usage: python fit_contract.py OUT_DIR CASE
                   pipedream_2bw on the loader without those batches; saves OUT_DIR/<name>.pt
   accumulate_async: pipedream_2bw with accumulate_grad_batches=2 on batches of 8 (2 micro-batches) and
                   without on batches of 16 (4 micro-batches); saves OUT_DIR/window.pt, merged.pt
-  accumulate_async_uneven: 7 batches per epoch with accumulate_grad_batches=2, pipedream_2bw (must fail)
   two_optimizers: a module whose configure_optimizers returns two optimizers over the first and
                   the last layer, on 2 stages (must fail at setup with the strategy's message)
 """
@@ -160,15 +159,6 @@ def main() -> None:
             trainer.fit(model, loader(regression_data(64), batch))
             if trainer.global_rank == 0:
                 torch.save({"state": model.state_dict(), "steps": trainer.global_step}, os.path.join(out, f"{name}.pt"))
-    elif case == "accumulate_async_uneven":  # 7 batches per epoch in windows of 2: refused before step 1
-        L.seed_everything(0)
-        trainer = L.Trainer(accelerator="cpu", devices=2, max_epochs=1, logger=False, accumulate_grad_batches=2,
-                            strategy=AsyncPipeStrategy("pipedream_2bw", microbatches=2), enable_progress_bar=False,
-                            enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
-        try:
-            trainer.fit(SeqRegressor(depth=3), loader(regression_data(56), 8))
-        finally:
-            print(f"global_step={trainer.global_step}", flush=True)
     elif case == "two_optimizers":
         L.seed_everything(0)
         fit(TwoOptimizers(depth=3), 2, AsyncPipeStrategy(policy="pipedream_flush", microbatches=2))
