@@ -1,7 +1,8 @@
 """Every policy's multi-process engine equals the executable specification (reference.py).
 
 For 2, 3 and 4 stages, one launch runs every case of tests/helpers/engine_cases.py (each policy
-and option set, microbatches 1, p and 2p where the policy allows, SGD with momentum and AdamW,
+and option set, microbatches 1, p and 2p where the policy allows, SGD with momentum and AdamW
+(NAdam and Nesterov SGD for nesterov_async),
 StepLR, a drain after step 2 and at the end) with the raw engine over gloo; each case's weights
 after 12 batches must equal reference.py's. The same runs give the stages' reports: gradient
 delays and weight copies are checked against the theory. For the policies whose delay is part of
