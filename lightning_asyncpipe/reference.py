@@ -19,7 +19,14 @@ pipedream vertical     ``f + floor(max(0, r - (p-1)) / m)``       same weights
 pipedream_2bw          ``max(0, k - 1)``                          same weights
 pipemare               as pipedream (latest)                      ``W(k) - gap * delta`` (T2)
 pipelined_backprop     as pipedream; ``W - lr*gap*v`` with LWP    ``W(k)``
+pipeoptim              as pipedream; ``W - lr*gap*d`` (below)     ``W(k)``
+nesterov_async         ``max(0, k - 1)``                          same weights
 =====================  =========================================  ==============================
+
+PipeOptim's ``d`` is the optimizer's update direction in the state it had after the forward's
+version: the momentum buffer for SGD, ``m_hat / (sqrt(v_hat) + eps)`` (+ ``weight_decay * W`` when
+decoupled) for Adam/AdamW. nesterov_async updates with the optimizer (NAdam or Nesterov SGD) whose
+momentum coefficient is set to its ``momentum`` option (default 0.99).
 
 ``gap = k - forward version`` for the non-stashing policies. The update of batch ``k`` at stage
 ``s`` applies the batch's mean gradient to the newest weights with the learning rate the
@@ -53,8 +60,8 @@ from lightning_asyncpipe.microbatch import microbatch_weights, split
 __all__ = ["reference_train", "reference_train_stages", "split_stages", "ReferenceResult", "SYNCHRONOUS", "STASHING", "RECOMPUTING"]
 
 SYNCHRONOUS = ("gpipe", "pipedream_flush")
-STASHING = ("pipedream", "pipedream_2bw")
-RECOMPUTING = ("pipemare", "pipelined_backprop")
+STASHING = ("pipedream", "pipedream_2bw", "nesterov_async")
+RECOMPUTING = ("pipemare", "pipelined_backprop", "pipeoptim")
 
 
 @dataclass
@@ -103,6 +110,35 @@ def _sgd_spike_compensated(optimizer: Optimizer, delay: int) -> None:
                 p.add_(state["momentum_buffer"], alpha=-lr * a)
                 if b != 0.0:
                     p.add_(g, alpha=-lr * b)
+
+
+def _adam_like_direction(state: dict[str, Any], group: dict[str, Any], w: Tensor) -> Tensor:
+    # Written again from the Adam/AdamW update rule (bias-corrected moments), not imported from the
+    # policy: the specification must not share code with what it checks.
+    beta1, beta2 = group["betas"]
+    t = float(state["step"])
+    m_hat = state["exp_avg"] / (1.0 - beta1**t)
+    v_hat = state["exp_avg_sq"] / (1.0 - beta2**t)
+    d = m_hat / (v_hat.sqrt() + group["eps"])
+    if group.get("decoupled_weight_decay", False):
+        d = d + group["weight_decay"] * w
+    return d
+
+
+def _predicted(weights: dict[str, Tensor], states: dict[str, dict[str, Any]], groups: dict[str, dict[str, Any]],
+               lr: float, updates: int) -> dict[str, Tensor]:  # fmt: skip
+    """PipeOptim: every weight moved ``updates`` optimizer updates ahead along its update direction."""
+    out = {}
+    for n, w in weights.items():
+        st = states.get(n, {})
+        if "momentum_buffer" in st:
+            d = st["momentum_buffer"]
+        elif "exp_avg" in st:
+            d = _adam_like_direction(st, groups[n], w)
+        else:
+            d = None
+        out[n] = w if d is None else w - lr * updates * d
+    return out
 
 
 def reference_train(sequential: nn.Sequential, counts: Sequence[int], policy: str, *args: Any,
@@ -174,6 +210,7 @@ def reference_train_stages(
     policy_options: Optional[dict[str, Any]] = None,
     shared: Sequence[dict[int, str]] = (),
     prefix: str = "net.",
+    delay_offset: int = 0,
 ) -> ReferenceResult:
     """Train ``stages`` (modified in place) on ``batches`` as ``policy`` defines it.
 
@@ -193,9 +230,15 @@ def reference_train_stages(
             holder uses, for micro-batch ``j``, the owner's version of the owner's forward of ``j``
             (raw weights: no prediction, no correction), in its forward and its backward.
         prefix: prepended to the stages' keys in the result.
+        delay_offset: a deliberately wrong delay, for tests that the comparison would see one:
+            pipedream_2bw and nesterov_async forward (and backward) on ``W(max(0, k-1-offset))``,
+            pipeoptim predicts over ``gap + offset`` updates (where ``gap > 0``). Other policies
+            reject it.
     """
     opts = dict(policy_options or {})
     p, m, n_steps = len(stages), microbatches, len(batches)
+    if delay_offset and policy not in ("pipedream_2bw", "nesterov_async", "pipeoptim"):
+        raise ValueError(f"delay_offset is defined for pipedream_2bw, nesterov_async and pipeoptim, not {policy!r}")
     owner_of: list[dict[str, tuple[int, str]]] = [{} for _ in stages]  # stage -> its name -> (owner, name there)
     for names in shared:
         owner = min(names)
@@ -203,6 +246,16 @@ def reference_train_stages(
             if s != owner:
                 owner_of[s][n] = (owner, names[owner])
     optims = [optimizer([q for n, q in st.named_parameters() if n not in owner_of[s]]) for s, st in enumerate(stages)]
+    if policy == "nesterov_async" and opts.get("momentum", 0.99) is not None:
+        for opt in optims:  # the momentum coefficient the policy runs with
+            for g in opt.param_groups:
+                if "betas" in g:
+                    g["betas"] = (opts.get("momentum", 0.99), g["betas"][1])
+                else:
+                    g["momentum"] = opts.get("momentum", 0.99)
+    group_of = [{n: g for g in opt.param_groups for q in g["params"] for n, q2 in st.named_parameters() if q is q2}
+                for opt, st in zip(optims, stages)]  # fmt: skip
+    opt_states: list[dict[int, dict[str, dict[str, Any]]]] = [{0: {}} for _ in stages]  # PipeOptim: state per version
     lrs = _lr_table(optimizer, lr_scheduler, n_steps)
     drains = set(drain_after) | {n_steps - 1}
     history: list[dict[int, dict[str, Tensor]]] = [{0: _snapshot(st)} for st in stages]
@@ -218,8 +271,8 @@ def reference_train_stages(
         r = j - fill * m
         if policy in SYNCHRONOUS:
             return k
-        if policy == "pipedream_2bw":
-            return max(0, k - 1)
+        if policy in ("pipedream_2bw", "nesterov_async"):
+            return max(0, k - 1 - delay_offset)
         return fill + max(0, r - ((p - 1) if vsync else warm[s])) // m
 
     def with_owners(s: int, weights: dict[str, Tensor], fv: list[int]) -> dict[str, Tensor]:
@@ -250,6 +303,8 @@ def reference_train_stages(
                     lr_now = lrs[k]
                     weights = {n: w if momentum[s][fv[s]].get(n) is None else w - lr_now * gap * momentum[s][fv[s]][n]
                                for n, w in weights.items()}  # fmt: skip
+                if policy == "pipeoptim" and fv[s] != k:
+                    weights = _predicted(weights, opt_states[s][fv[s]], group_of[s], lrs[k], k - fv[s] + delay_offset)
                 weights = with_owners(s, weights, fv)
                 if recompute[s]:
                     with torch.no_grad():
@@ -317,6 +372,10 @@ def reference_train_stages(
             momentum[s][k + 1] = {n: (opt.state[q].get("momentum_buffer") if q in opt.state else None)
                                   for n, q in st.named_parameters()}  # fmt: skip
             momentum[s][k + 1] = {n: None if b is None else b.detach().clone() for n, b in momentum[s][k + 1].items()}
+            if policy == "pipeoptim":
+                opt_states[s][k + 1] = {n: {key: v.detach().clone() if isinstance(v, Tensor) else v
+                                            for key, v in opt.state[q].items()}
+                                        for n, q in st.named_parameters() if q in opt.state}  # fmt: skip
             if policy == "pipemare" and opts.get("discrepancy_correction", True):
                 decay = opts.get("velocity_decay", 0.5)
                 if velocity[s] is None:

@@ -19,7 +19,7 @@ from tests.helpers.tolerance import training_atol
 
 SPECS = [
     "pipedream:sgd", "pipedream:adamw", "pipedream:sgd:vertical_sync=True", "pipedream_2bw:adamw",
-    "pipemare:sgd", "pipemare:adamw", "pipelined_backprop:sgd",
+    "pipemare:sgd", "pipemare:adamw", "pipelined_backprop:sgd", "pipeoptim:adamw", "nesterov_async:nadam",
 ]  # fmt: skip
 
 
@@ -57,6 +57,8 @@ def _factories(module: SeqRegressor):  # type: ignore[no-untyped-def]
         hp = module.hparams
         if hp.optimizer == "sgd":
             return torch.optim.SGD(params, lr=hp.lr, momentum=0.9)
+        if hp.optimizer == "nadam":
+            return torch.optim.NAdam(params, lr=hp.lr, weight_decay=0.01, decoupled_weight_decay=True)
         return torch.optim.AdamW(params, lr=hp.lr, weight_decay=0.01)
 
     return optimizer, lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7)

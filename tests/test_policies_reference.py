@@ -1,10 +1,13 @@
 """Every policy's multi-process engine equals the executable specification (reference.py).
 
 For 2, 3 and 4 stages, one launch runs every case of tests/helpers/engine_cases.py (each policy
-and option set, microbatches 1, p and 2p where the policy allows, SGD with momentum and AdamW,
+and option set, microbatches 1, p and 2p where the policy allows, SGD with momentum and AdamW
+(NAdam and Nesterov SGD for nesterov_async),
 StepLR, a drain after step 2 and at the end) with the raw engine over gloo; each case's weights
 after 12 batches must equal reference.py's. The same runs give the stages' reports: gradient
-delays and weight copies are checked against the theory.
+delays and weight copies are checked against the theory. For the policies whose delay is part of
+their update rule (PipeOptim's prediction horizon, the Nesterov policy's one-update delay), a
+specification with the delay one update longer misses the engine by far more than the tolerance.
 """
 
 from __future__ import annotations
@@ -61,9 +64,11 @@ def test_engine_equals_reference(runs: dict[int, str], n_stages: int) -> None:
         # One micro-batch: the same kernels on the same operands on both sides, so bitwise. Other
         # arithmetic, bounded by tests/helpers/tolerance.py (a few ulps of max|W| per step): with
         # more micro-batches the engine's deferred weight gradient sums the batch in one GEMM, the
-        # specification per micro-batch; pipelined_backprop's weight prediction computes
-        # W - a*delta in one fused torch.sub, the specification in two roundings.
-        predicts = case.policy == "pipelined_backprop" and case.options.get("weight_prediction", True)
+        # specification per micro-batch; pipelined_backprop's and pipeoptim's weight predictions
+        # compute W - a*delta in one fused torch.sub, the specification in two roundings (and
+        # pipeoptim's Adam direction in another order).
+        predicts = case.policy == "pipeoptim" or (
+            case.policy == "pipelined_backprop" and case.options.get("weight_prediction", True))
         same_arithmetic = case.microbatches == 1 and not predicts
         atol = 0.0 if same_arithmetic else training_atol(ref.state_dict, C.N_STEPS)
         for name, value in ref.state_dict.items():
@@ -87,12 +92,35 @@ def test_delays_and_weight_copies_match_theory(runs: dict[int, str], n_stages: i
             elif case.policy == "pipedream" and not case.options and m == 1:
                 assert delays[-1] == max(delays) == p - 1 - s, (case.name, s, delays)
                 assert peak == p - s, (case.name, s, peak)
-            elif case.policy == "pipedream_2bw":
+            elif case.policy in ("pipedream_2bw", "nesterov_async"):
                 assert delays[0] == 0 and set(delays[1:]) == {1}, (case.name, s, delays)
                 assert peak == 2, (case.name, s, peak)
             elif case.policy == "pipemare":
                 correcting = case.options.get("discrepancy_correction", True) and math.ceil((p - 1 - s) / m) >= 1
                 assert peak == 1 and extra == 2 * int(correcting), (case.name, s, peak, extra)  # velocity, scratch
+            elif case.policy == "pipeoptim":
+                tau = math.ceil((p - 1 - s) / m)
+                assert delays[-1] == max(delays) == tau, (case.name, s, delays)
+                assert peak == 1 and extra == int(tau >= 1), (case.name, s, peak, extra)  # the predicted weights
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("n_stages", [2, 3, 4])
+def test_a_wrong_delay_misses_by_far_more_than_the_tolerance(runs: dict[int, str], n_stages: int) -> None:
+    """PipeOptim predicting one update further (the public code's ``s = world_size - rank``) and the
+    Nesterov policy with a two-update delay: the engine is far from both (measured: 40 to 830 times
+    the tolerance, while it equals the right specification to 6e-8, about 1/75 of it), so the
+    equality above does see the delay."""
+    for i, case in enumerate(C.cases(n_stages)):
+        if case.policy not in ("pipeoptim", "nesterov_async") or case.microbatches != n_stages:
+            continue
+        seq = C.model()
+        wrong = reference_train(seq, compute_balance(seq, n_stages, "uniform"), case.policy, C.batches(),
+                                case.microbatches, C.loss_fn, C.optimizer(case.optimizer), C.scheduler,
+                                drain_after=C.DRAIN_AFTER, policy_options=case.options, delay_offset=1)  # fmt: skip
+        state, _ = _load(runs[n_stages], i, n_stages)
+        miss = max(float((state[k] - v).abs().max()) for k, v in wrong.state_dict.items())
+        assert miss > 20 * training_atol(wrong.state_dict, C.N_STEPS), (case.name, miss)
 
 
 @pytest.mark.multiprocess

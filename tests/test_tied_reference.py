@@ -1,7 +1,8 @@
 """The tied head of a nanoGPT under every policy: the raw engine on 2 and 3 real processes equals
 the executable specification (:func:`lightning_asyncpipe.reference.reference_train_stages`), in
 float64, after 6 batches with a drain in between, AdamW with nanoGPT's decay groups, gradient
-clipping and a learning-rate schedule (SGD with momentum for pipelined_backprop).
+clipping and a learning-rate schedule (SGD with momentum for pipelined_backprop, NAdam with the
+same groups for nesterov_async).
 
 The tied parameter is owned by stage 0 (the token embedding); the last stage (the head) uses, for
 each micro-batch, the version stage 0's forward of it used, and sends its gradient to stage 0 at
@@ -43,12 +44,13 @@ def _engine_state(out: str, index: int, p: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def _reference(case: C.Case, p: int, tied: bool = True, policy: str | None = None) -> dict[str, torch.Tensor]:
+def _reference(case: C.Case, p: int, tied: bool = True, policy: str | None = None,
+               delay_offset: int = 0) -> dict[str, torch.Tensor]:  # fmt: skip
     data = C.batches()
     stages, shared = split_stages(C.model().net, data[0][0], p, balance="uniform")
     return reference_train_stages(stages, policy or case.policy, data, case.microbatches, C.loss_fn,
                                   C.optimizer(case.optimizer), C.scheduler, C.CLIP, C.DRAIN_AFTER, case.options,
-                                  shared=shared if tied else ()).state_dict  # fmt: skip
+                                  shared=shared if tied else (), delay_offset=delay_offset).state_dict  # fmt: skip
 
 
 @pytest.mark.parametrize("p", [2, 3])
@@ -75,3 +77,8 @@ def test_the_comparison_can_fail(runs: dict[int, str], p: int) -> None:
     atol = training_atol64(state, C.N_STEPS)
     for wrong in (_reference(cases[i], p, tied=False), _reference(cases[i], p, policy="pipedream_flush")):
         assert max(float((state[k] - v).abs().max()) for k, v in wrong.items()) > 1e6 * atol
+    # a delay one update too long: PipeOptim predicting one update further, the Nesterov policy on W(k-2)
+    for i in [i for i, c in enumerate(cases) if c.policy in ("pipeoptim", "nesterov_async") and c.microbatches > 1]:
+        state = _engine_state(runs[p], i, p)
+        wrong = _reference(cases[i], p, delay_offset=1)
+        assert max(float((state[k] - v).abs().max()) for k, v in wrong.items()) > 1e6 * atol, cases[i].name

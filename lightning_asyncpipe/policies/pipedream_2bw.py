@@ -33,7 +33,7 @@ class PipeDream2BWPolicy(StashingPolicy):
     def validate(self, n_stages: int, n_microbatches: int) -> None:
         if n_microbatches < n_stages:
             raise PipelineConfigError(
-                f"Policy 'pipedream_2bw' needs microbatches >= stages so that two weight buffers suffice, got "
+                f"Policy {self.name!r} needs microbatches >= stages so that two weight buffers suffice, got "
                 f"microbatches={n_microbatches} with {n_stages} stages. Use microbatches >= {n_stages}."
             )
 

@@ -20,7 +20,12 @@ POLICIES: list[tuple[str, dict[str, Any]]] = [
     ("pipemare", {"lr_rescheduling": False, "discrepancy_correction": False}),
     ("pipelined_backprop", {}),
     ("pipelined_backprop", {"spike_compensation": False, "weight_prediction": False}),
+    ("pipeoptim", {}),
+    ("nesterov_async", {}),
 ]
+# the optimizers a policy is run with (default: SGD with momentum and AdamW)
+OPTIMIZERS: dict[str, tuple[str, ...]] = {"pipelined_backprop": ("sgd",), "nesterov_async": ("nadam", "sgd_nesterov")}
+NEEDS_M_GE_P = ("pipedream_2bw", "nesterov_async")  # two weight buffers
 N_STEPS = 12  # long enough after the refill for 4 stages to reach the steady state
 DRAIN_AFTER = (2,)  # a drain mid-run (as validation would cause), then a refill
 
@@ -42,11 +47,11 @@ def cases(n_stages: int) -> list[Case]:
     out = []
     for policy, options in POLICIES:
         for m in sorted({1, n_stages, 2 * n_stages}):
-            if policy == "pipedream_2bw" and m < n_stages:
+            if policy in NEEDS_M_GE_P and m < n_stages:
                 continue
-            for optimizer in ("sgd", "adamw"):
-                if policy == "pipelined_backprop" and optimizer != "sgd":
-                    continue
+            for optimizer in OPTIMIZERS.get(policy, ("sgd", "adamw")):
+                if optimizer == "sgd_nesterov" and m != n_stages:
+                    continue  # one m suffices (2BW's delay does not depend on m): test time
                 out.append(Case(policy, options, m, optimizer))
     return out
 
@@ -66,6 +71,10 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 def optimizer(name: str):  # type: ignore[no-untyped-def]
     if name == "sgd":
         return lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)
+    if name == "sgd_nesterov":  # nesterov_async sets the momentum to 0.99
+        return lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9, nesterov=True)
+    if name == "nadam":  # the Nesterov paper's optimizer (decoupled weight decay)
+        return lambda ps: torch.optim.NAdam(ps, lr=0.01, weight_decay=0.01, decoupled_weight_decay=True)
     return lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.01)
 
 

@@ -54,6 +54,8 @@ class SeqRegressor(L.LightningModule):
         hp = self.hparams
         if hp.optimizer == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=0.9)
+        elif hp.optimizer == "nadam":  # nesterov_async's
+            opt = torch.optim.NAdam(self.parameters(), lr=hp.lr, weight_decay=0.01, decoupled_weight_decay=True)
         else:
             opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=0.01)
         if not hp.scheduler:

@@ -24,8 +24,8 @@ T = 8  # tokens per sequence
 def cases(n_stages: int) -> list[Case]:
     """Each policy with one micro-batch per batch (the owner's version then lags the most; not for
     2BW, which needs ``m >= p``) and with ``2p`` (several batches' micro-batches in flight)."""
-    return [Case(policy, options, m, "sgd" if policy == "pipelined_backprop" else "adamw")
-            for policy, options in POLICIES for m in (1, 2 * n_stages) if m >= n_stages or policy != "pipedream_2bw"]
+    return [Case(policy, options, m, {"pipelined_backprop": "sgd", "nesterov_async": "nadam"}.get(policy, "adamw"))
+            for policy, options in POLICIES for m in (1, 2 * n_stages) if m >= n_stages or policy not in E.NEEDS_M_GE_P]
 
 
 def model() -> nn.Module:
@@ -53,7 +53,8 @@ def loss_fn(output: Any, target: Any) -> torch.Tensor:
 
 
 def optimizer(name: str) -> Any:
-    """AdamW with nanoGPT's decay groups, or SGD with momentum (for pipelined_backprop, which needs it)."""
+    """AdamW with nanoGPT's decay groups, NAdam with the same groups (for nesterov_async), or SGD with
+    momentum (for pipelined_backprop, which needs it)."""
 
     def make(params: Any) -> torch.optim.Optimizer:
         params = list(params)
@@ -61,6 +62,8 @@ def optimizer(name: str) -> Any:
             return torch.optim.SGD(params, lr=0.05, momentum=0.9)
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+        if name == "nadam":
+            return torch.optim.NAdam(groups, lr=1e-2, betas=(0.9, 0.95), decoupled_weight_decay=True)
         return torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95))
 
     return make

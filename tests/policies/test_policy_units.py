@@ -18,10 +18,12 @@ from torch.func import functional_call
 from lightning_asyncpipe.errors import PipelineConfigError
 from lightning_asyncpipe.partition import StageModule, computing, partition_module
 from lightning_asyncpipe.policies import (
+    NesterovAsyncPolicy,
     PipeDream2BWPolicy,
     PipeDreamPolicy,
     PipelinedBackpropPolicy,
     PipeMarePolicy,
+    PipeOptimPolicy,
     available_policies,
     get_policy,
 )
@@ -256,7 +258,8 @@ def test_config_errors() -> None:
     message = str(info.value)
     assert "'nope'" in message
     names = available_policies()
-    assert {"gpipe", "pipedream_flush", "pipedream", "pipedream_2bw", "pipemare", "pipelined_backprop"} <= set(names)
+    assert {"gpipe", "pipedream_flush", "pipedream", "pipedream_2bw", "pipemare", "pipelined_backprop", "pipeoptim",
+            "nesterov_async"} <= set(names)
     assert all(name in message for name in names)
 
     with pytest.raises(PipelineConfigError):
@@ -326,3 +329,75 @@ def test_spike_compensation_with_delay() -> None:
         torch.testing.assert_close(ours.state[p]["momentum_buffer"], v1)
         torch.testing.assert_close(p.detach(), expected)
         assert not torch.allclose(expected, w0 - lr * v1)  # differs from the plain momentum step
+
+
+# ---------------------------------------------------------------------------------------------- 6
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adam_l2", "sgd"])
+def test_pipeoptim_predicts_along_the_optimizers_update(kind: str) -> None:
+    """``W - gap*lr*d`` with the optimizer's own direction, by hand: SGD's momentum buffer;
+    Adam's ``m_hat / (sqrt(v_hat) + eps)``, plus ``weight_decay * W`` when decoupled (AdamW)."""
+    torch.manual_seed(0)
+    module = _stage([nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)], 2, 0)
+    lr, wd = 0.05, 0.1
+    opt = {"adamw": lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, betas=(0.8, 0.9), eps=1e-3),
+           "adam_l2": lambda ps: torch.optim.Adam(ps, lr=lr, weight_decay=wd, eps=1e-3),
+           "sgd": lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=wd)}[kind](module.parameters())
+    policy = PipeOptimPolicy()
+    policy.bind(0, 2, 1, module, opt)
+    assert policy.forward_weights(0, gap=2) is None or all(  # no optimizer state yet: the live weights
+        torch.equal(w, p) for w, p in zip(policy.forward_weights(0, gap=2).values(), module.parameters()))
+    for _ in range(3):
+        for p in module.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    predicted = policy.forward_weights(5, gap=2)
+    assert predicted is not None
+    for name, p in module.named_parameters():
+        st, w = opt.state[p], p.detach()
+        if kind == "sgd":
+            d = st["momentum_buffer"]
+        else:
+            t = float(st["step"])
+            b1, b2 = opt.param_groups[0]["betas"]
+            d = (st["exp_avg"] / (1 - b1**t)) / ((st["exp_avg_sq"] / (1 - b2**t)).sqrt() + 1e-3)
+            if kind == "adamw":
+                d = d + wd * w
+        torch.testing.assert_close(predicted[name].detach(), w - 2 * lr * d, rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(predicted[name], w)
+    assert policy.forward_weights(5, gap=0) is None  # no delay: the live weights
+    # the prediction is differentiable in the live weights with an identity Jacobian
+    name, p = next(iter(module.named_parameters()))
+    p.grad = None
+    policy.forward_weights(5, gap=1)[name].sum().backward()
+    torch.testing.assert_close(p.grad, torch.ones_like(p))
+
+
+def test_pipeoptim_and_nesterov_async_check_their_optimizer() -> None:
+    module = _small_module()
+    ps = list(module.parameters())
+    for bad in (torch.optim.SGD(ps, lr=0.1), torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+                torch.optim.AdamW(ps, lr=0.1, amsgrad=True), torch.optim.Adagrad(ps, lr=0.1)):  # fmt: skip
+        with pytest.raises(PipelineConfigError, match="Policy 'pipeoptim' predicts weights"):
+            PipeOptimPolicy().bind(0, 2, 1, module, bad)
+    for good in (torch.optim.SGD(ps, lr=0.1, momentum=0.9), torch.optim.Adam(ps), torch.optim.AdamW(ps)):
+        PipeOptimPolicy().bind(0, 2, 1, module, good)
+
+    for bad in (torch.optim.AdamW(ps), torch.optim.SGD(ps, lr=0.1, momentum=0.9)):
+        with pytest.raises(PipelineConfigError, match="Policy 'nesterov_async' updates with Nesterov"):
+            NesterovAsyncPolicy().bind(0, 2, 2, module, bad)
+    with pytest.raises(PipelineConfigError, match="Policy 'nesterov_async' needs microbatches >= stages"):
+        NesterovAsyncPolicy().bind(0, 4, 2, module, torch.optim.NAdam(ps))
+    with pytest.raises(PipelineConfigError, match="0 < momentum < 1"):
+        NesterovAsyncPolicy(momentum=1.0)
+
+    # the paper's momentum, set on the optimizer at bind time (None: the optimizer's own)
+    nadam, sgd = torch.optim.NAdam(ps, betas=(0.9, 0.95)), torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True)
+    NesterovAsyncPolicy().bind(0, 2, 2, module, nadam)
+    NesterovAsyncPolicy(momentum=0.95).bind(0, 2, 2, module, sgd)
+    assert nadam.param_groups[0]["betas"] == (0.99, 0.95) and sgd.param_groups[0]["momentum"] == 0.95
+    kept = torch.optim.NAdam(ps, betas=(0.9, 0.95))
+    NesterovAsyncPolicy(momentum=None).bind(0, 2, 2, module, kept)
+    assert kept.param_groups[0]["betas"] == (0.9, 0.95)
+    assert NesterovAsyncPolicy().forward_version(5) == PipeDream2BWPolicy().forward_version(5)

@@ -28,7 +28,8 @@ def main() -> None:
     for policy in policies:
         folder = os.path.join(out, policy)
         L.seed_everything(7)
-        model = SeqRegressor(optimizer="sgd", lr=0.05, depth=4)  # SGD: every policy accepts it
+        # SGD: every policy accepts it but nesterov_async, which needs NAdam (or Nesterov SGD)
+        model = SeqRegressor(optimizer="nadam" if policy == "nesterov_async" else "sgd", lr=0.05, depth=4)
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         last = ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0)
         trainer = L.Trainer(
