@@ -16,10 +16,11 @@ from tests.helpers.launch import leftover_processes, run_script, signal_rank, st
 
 pytestmark = pytest.mark.slow  # this file takes 40 s or more on 2 cores
 
-CASES = {  # case -> (signal, global rank of the target: 0 is the main process, holding stage 1)
+# case -> (signal, global rank of the target: 0 is the main process, holding stage 1). Each signal
+# and each kind of target once (the handler does not depend on the pair; the full 2 x 2 passed
+# and was cut to keep the suite short).
+CASES = {
     "SIGTERM-stage0-child": (signal.SIGTERM, 1),
-    "SIGTERM-stage1-main": (signal.SIGTERM, 0),
-    "SIGINT-stage0-child": (signal.SIGINT, 1),
     "SIGINT-stage1-main": (signal.SIGINT, 0),
 }
 
