@@ -14,9 +14,14 @@ Contenders (one process per stage, ``torch.set_num_threads(1)`` and ``OMP_NUM_TH
 
 - ``single/1thread``: a plain PyTorch loop over the full model, one process, one thread.
 - ``single/all-threads``: the same with ``torch.set_num_threads(os.cpu_count())``.
-- ``torch.pp/GPipe``, ``torch.pp/1F1B``: ``torch.distributed.pipelining`` with a manual split (the
-  same layers per stage as this project's uniform split), ``optimizer.step()`` after each
-  ``schedule.step``.
+- ``torch.pp/<schedule>``: ``torch.distributed.pipelining`` with a manual split (the same layers per
+  stage as this project's uniform split), ``optimizer.step()`` after each ``schedule.step``: GPipe,
+  1F1B, and with two stages per rank (the model split in ``2p``) Interleaved1F1B,
+  InterleavedZeroBubble (rank ``r`` holds stages ``r, r+p``), ZBVZeroBubble and DualPipeV (``r,
+  2p-1-r``). "vs best (c)" is against the best of them, "vs best zero-bubble" against the best of
+  the last three.
+- ``floor/pipeline-m<M>`` (MLP only): ``benchmarks/floor.py``'s bare stage kernels side by side,
+  no engine, autograd or transfers: the limit for any pipeline of this work here ("vs floor").
 - ``engine/<policy>``: this project's raw :class:`~lightning_asyncpipe.engine.PipelineEngine`.
 - ``lightning/<policy>``: Lightning's Trainer with :class:`~lightning_asyncpipe.AsyncPipeStrategy`
   (popen launcher: ``python benchmarks/throughput.py --lightning-worker POLICY ...`` re-runs itself).
@@ -171,30 +176,41 @@ def run_single(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"times": times}
 
 
-def run_torch_pp(rank: int, n_stages: int, cfg: dict[str, Any], schedule_name: str) -> dict[str, Any]:
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+# torch.distributed.pipelining's schedules: one stage per rank, or two per rank ("loop": rank r holds
+# stages r and r + p, "v": stages r and 2p - 1 - r, as the V-shaped schedules require)
+TORCH_PP_SCHEDULES = {
+    "GPipe": ("ScheduleGPipe", None),
+    "1F1B": ("Schedule1F1B", None),
+    "Interleaved1F1B": ("ScheduleInterleaved1F1B", "loop"),
+    "InterleavedZeroBubble": ("ScheduleInterleavedZeroBubble", "loop"),
+    "ZBVZeroBubble": ("ScheduleZBVZeroBubble", "v"),
+    "DualPipeV": ("ScheduleDualPipeV", "v"),
+}
+TORCH_PP_ZERO_BUBBLE = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
 
-    schedule_cls = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B}[schedule_name]
+
+def run_torch_pp(rank: int, n_stages: int, cfg: dict[str, Any], schedule_name: str) -> dict[str, Any]:
+    import torch.distributed.pipelining as pp
+
+    class_name, placement = TORCH_PP_SCHEDULES[schedule_name]
+    schedule_cls = getattr(pp, class_name)
+    total = n_stages if placement is None else 2 * n_stages
+    indices = [rank] if placement is None else [rank, rank + n_stages] if placement == "loop" else [rank, total - 1 - rank]
     batches = make_batches(cfg["warmup"] + cfg["steps"])
     times = []
     for _ in range(cfg["repeats"]):
         full = build_model()
-        counts = uniform_counts(len(full), n_stages)
-        start = sum(counts[:rank])
-        sub = nn.Sequential(*list(full)[start:start + counts[rank]])
+        counts = uniform_counts(len(full), total)
+        subs = [nn.Sequential(*list(full)[sum(counts[:i]):sum(counts[:i + 1])]) for i in indices]
         del full
-        stage = PipelineStage(sub, rank, n_stages, torch.device("cpu"))
-        schedule = schedule_cls(stage, n_microbatches=MICROBATCHES, loss_fn=loss_fn)
-        opt = make_optimizer(sub.parameters())
+        stages = [pp.PipelineStage(sub, i, total, torch.device("cpu")) for sub, i in zip(subs, indices)]
+        schedule = schedule_cls(stages[0] if placement is None else stages, n_microbatches=MICROBATCHES, loss_fn=loss_fn)
+        opt = make_optimizer([q for sub in subs for q in sub.parameters()])
+        first, last = 0 in indices, total - 1 in indices
 
         def step(x: torch.Tensor, y: torch.Tensor) -> None:
             opt.zero_grad(set_to_none=True)
-            if rank == 0:
-                schedule.step(x)
-            elif rank == n_stages - 1:
-                schedule.step(target=y, losses=[])
-            else:
-                schedule.step()
+            schedule.step(*((x,) if first else ()), **(dict(target=y, losses=[]) if last else {}))
             opt.step()
 
         times.append(_timed(step, batches, cfg["warmup"], cfg["steps"]))
@@ -487,9 +503,9 @@ def contenders(stages: int) -> list[dict[str, Any]]:
         {"name": f"single/{threads}threads", "group": "b", "launch": ("spawn", "single", str(threads), 1),
          "procs": f"1 x {threads} threads"},
     ]
-    for sched in ("GPipe", "1F1B"):
+    for sched, (_, placement) in TORCH_PP_SCHEDULES.items():
         out.append({"name": f"torch.pp/{sched}", "group": "c", "launch": ("spawn", "torch_pp", sched, stages),
-                    "procs": f"{stages} x 1 thread"})
+                    "procs": f"{stages} x 1 thread" + ("" if placement is None else ", 2 stages each")})
     for policy in POLICIES:
         out.append({"name": f"engine/{policy}", "group": "d-raw", "launch": ("spawn", "engine", policy, stages),
                     "procs": f"{stages} x 1 thread"})
@@ -499,7 +515,19 @@ def contenders(stages: int) -> list[dict[str, Any]]:
     for policy in ASYNC_POLICIES:
         out.append({"name": f"ceiling/{policy}", "group": "e", "launch": ("spawn", "ceiling", policy, stages),
                     "procs": f"{stages} x 1 thread"})
+    if MODEL == "mlp":  # benchmarks/floor.py models the MLP's kernels only
+        out.append({"name": f"floor/pipeline-m{MICROBATCHES}", "group": "f", "launch": ("floor", "pipeline", "", stages),
+                    "procs": f"{stages} x 1 thread"})
     return out
+
+
+def launch_floor(world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """benchmarks/floor.py's bare stage kernels side by side (no engine, autograd or transfers)."""
+    sys.path.insert(0, HERE)
+    import floor
+
+    per_s = floor.launch("pipeline", world, MICROBATCHES, cfg["warmup"], cfg["steps"], {"OMP_NUM_THREADS": "1"})
+    return {"elapsed_s": [cfg["steps"] * BATCH / per_s], "rss_mib": [0.0], "peak_stashed_bytes": [], "cores": None}
 
 
 def fmt(x: Optional[float], spec: str) -> str:
@@ -515,19 +543,21 @@ def markdown(results: list[dict[str, Any]], cfg: dict[str, Any], meta: dict[str,
         f"median of {cfg['repeats']} round(s), every contender once per round in table order. {meta['cpus']} CPUs, torch {meta['torch']}, gloo."
         + (" Every one-thread process pinned to its own core (`--pin`)." if meta.get("pinned") else ""),
         "",
-        "| contender | group | processes | samples/s (median) | min-max | vs (a) | vs best (c) | vs ceiling (e) | peak RSS MiB (max process) | stashed weights MiB (max stage) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| contender | group | processes | samples/s (median) | min-max | vs (a) | vs best (c) | vs best zero-bubble (c) | vs floor (f) | vs ceiling (e) | peak RSS MiB (max process) | stashed weights MiB (max stage) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.get("error"):
-            lines.append(f"| {r['name']} | {r['group']} | {r['procs']} | failed | | | | | | |")
+            lines.append(f"| {r['name']} | {r['group']} | {r['procs']} | failed | | | | | | | | |")
             continue
         stashed = r.get("stashed_mib")
         lines.append(
             f"| {r['name']} | {r['group']} | {r['procs']} | {r['samples_per_s']:.1f} | "
             f"{min(r['samples_per_s_runs']):.1f}-{max(r['samples_per_s_runs']):.1f} | {fmt(r.get('vs_a'), '.2f')}x | "
-            f"{fmt(r.get('vs_best_c'), '.2f')}x | {fmt(r.get('vs_ceiling'), '.2f')}{'x' if r.get('vs_ceiling') else ''} | "
-            f"{max(r['rss_mib']):.0f} | {fmt(stashed, '.1f')} |"
+            f"{fmt(r.get('vs_best_c'), '.2f')}x | {fmt(r.get('vs_best_zb'), '.2f')}{'x' if r.get('vs_best_zb') else ''} | "
+            f"{fmt(r.get('vs_floor'), '.2f')}{'x' if r.get('vs_floor') else ''} | "
+            f"{fmt(r.get('vs_ceiling'), '.2f')}{'x' if r.get('vs_ceiling') else ''} | "
+            f"{fmt(max(r['rss_mib']) or None, '.0f')} | {fmt(stashed, '.1f')} |"
         )
     lines += paired_lines(results, "lightning", "engine", "Lightning against the raw engine")
     lines += paired_lines(results, "engine", "ceiling", "the raw engine against its ceiling")
@@ -615,7 +645,8 @@ def main() -> None:
             prefix = os.path.join(a.out, f".tmp_{c['name'].replace('/', '_')}")
             t = time.perf_counter()
             try:
-                r = launch_spawn(kind, arg, world, one, prefix) if how == "spawn" else launch_lightning(arg, world, one, prefix)
+                r = (launch_spawn(kind, arg, world, one, prefix) if how == "spawn" else launch_floor(world, one)
+                     if how == "floor" else launch_lightning(arg, world, one, prefix))  # fmt: skip
                 row["elapsed_s"] += r["elapsed_s"]
                 row["rss_mib"] = [max(x) for x in zip(row["rss_mib"], r["rss_mib"])] if row["rss_mib"] else r["rss_mib"]
                 row["peak_stashed_bytes"] += [b for b in r["peak_stashed_bytes"] if b is not None]
@@ -639,10 +670,15 @@ def main() -> None:
     base = next((r["samples_per_s"] for r in results if r["group"] == "a" and "samples_per_s" in r), None)
     best_c = max((r["samples_per_s"] for r in results if r["group"] == "c" and "samples_per_s" in r), default=None)
     ceilings = {r["name"].split("/")[1]: r["samples_per_s"] for r in results if r["group"] == "e" and "samples_per_s" in r}
+    floor_rate = next((r["samples_per_s"] for r in results if r["group"] == "f" and "samples_per_s" in r), None)
+    best_zb = max((r["samples_per_s"] for r in results if r["group"] == "c" and "samples_per_s" in r
+                   and r["name"].split("/")[1] in TORCH_PP_ZERO_BUBBLE), default=None)  # fmt: skip
     for r in results:
         if "samples_per_s" in r:
             r["vs_a"] = r["samples_per_s"] / base if base else None
             r["vs_best_c"] = r["samples_per_s"] / best_c if best_c else None
+            r["vs_floor"] = r["samples_per_s"] / floor_rate if floor_rate else None
+            r["vs_best_zb"] = r["samples_per_s"] / best_zb if best_zb else None
             ceiling = ceilings.get(r["name"].split("/")[-1]) if r["group"].startswith("d") else None
             r["vs_ceiling"] = r["samples_per_s"] / ceiling if ceiling else None
     total = time.perf_counter() - started
