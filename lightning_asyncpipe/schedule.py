@@ -265,11 +265,12 @@ def simulate(
     schedule: Schedule,
     forward_time: float | Mapping[int, float] = 1.0,
     backward_time: float | Mapping[int, float] = 1.0,
-    update_time: float = 0.0,
+    update_time: float | Mapping[int, float] = 0.0,
+    transfer_time: float = 0.0,
 ) -> SimResult:
     """Run ``schedule`` on an idealised machine: each stage runs its list in order, each action as
     early as its dependencies allow (``F(j)`` at stage s after ``F(j)`` at s-1; ``B(j)`` at stage s
-    after ``B(j)`` at s+1), and transfers take no time.
+    after ``B(j)`` at s+1), plus ``transfer_time`` for the tensors to cross the link (default: free).
 
     Raises:
         ScheduleError: if the stages cannot all finish (a deadlock), with the clock table so far.
@@ -296,11 +297,11 @@ def simulate(
                     deps.append((s + 1, ActionKind.BACKWARD, a.index))
                 if any(d not in end for d in deps):
                     break
-                start = max([free[s]] + [end[d] for d in deps])
+                start = max([free[s]] + [end[d] + transfer_time for d in deps])
                 duration = {
                     ActionKind.FORWARD: _dur(forward_time, s),
                     ActionKind.BACKWARD: _dur(backward_time, s),
-                    ActionKind.UPDATE: update_time,
+                    ActionKind.UPDATE: _dur(update_time, s),
                 }[a.kind]
                 end[(s, a.kind, a.index)] = free[s] = start + duration
                 timeline[s].append((start, start + duration, a))

@@ -334,3 +334,12 @@ def test_validate_rejects_backwards_out_of_forward_order() -> None:
     simulate(swapped)  # runs to the end...
     with pytest.raises(ScheduleError, match="first-in first-out"):
         validate(swapped, 2)  # ...but is rejected
+
+
+def test_simulate_charges_the_link_time_for_each_message() -> None:
+    """Each forward waits for its input to cross the link, each backward for its gradient: one
+    micro-batch on 2 stages is F0, link, F1, B1, link, B0 (then each stage's update)."""
+    result = simulate(one_f_one_b(2, 1), forward_time={0: 1.0, 1: 2.0}, backward_time=3.0, update_time={0: 0.5, 1: 0.25},
+                      transfer_time=0.125)
+    assert result.makespan == 1.0 + 0.125 + 2.0 + 3.0 + 0.125 + 3.0 + 0.5
+    assert simulate(one_f_one_b(2, 1), 1.0, 1.0, 0.0, transfer_time=0.0).makespan == 4.0
