@@ -113,11 +113,18 @@ def measure(policy: str, p: int, out: str) -> dict[str, Any]:
     events = [e for e in trace if e.get("ph") == "X"]
     cost: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     waits: list[float] = []
+    rows: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for e in events:
-        compute = (e["dur"] - e["args"]["transfer_wait_us"]) * 1e-6
-        cost[e["cat"]][e["tid"]].append(compute)
+        rows[e["tid"]].append(e)
         if e["cat"] == "F" and e["tid"] > 0:
             waits.append(e["args"]["transfer_wait_us"] * 1e-6)
+    for stage, row in rows.items():
+        row.sort(key=lambda e: e["ts"])
+        # an action's cost: from its start to the next action's start, less its transfer wait (the
+        # engine's own time between actions, and the Lightning loop between steps, is the stage's work)
+        for e, nxt in zip(row, row[1:] + [None]):
+            end = nxt["ts"] if nxt is not None and nxt["args"]["step"] - e["args"]["step"] <= 1 else e["ts"] + e["dur"]
+            cost[e["cat"]][stage].append((end - e["ts"] - e["args"]["transfer_wait_us"]) * 1e-6)
     by_step: dict[int, list[float]] = defaultdict(list)
     for e in events:
         by_step[e["args"]["step"]] += [e["ts"] * 1e-6, (e["ts"] + e["dur"]) * 1e-6]
@@ -220,7 +227,7 @@ def plot(rows: list[dict[str, Any]], policies: list[str], stages: list[int], mic
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for policy in policies:
-        for ax, m_of in ((axes[0], lambda p: 4 * p), (axes[1], lambda p: 8)):
+        for ax, m_of in ((axes[0], lambda p: min(4 * p, 64)), (axes[1], lambda p: 8)):
             xs = [p for p in stages if any(r["policy"] == policy and r["stages"] == p and r["microbatches"] == m_of(p) for r in rows)]
             ys = [next(r["efficiency"] for r in rows if r["policy"] == policy and r["stages"] == p and r["microbatches"] == m_of(p)) for p in xs]
             ax.plot(xs, ys, marker="o", label=policy)
@@ -228,10 +235,14 @@ def plot(rows: list[dict[str, Any]], policies: list[str], stages: list[int], mic
         xs = [m for m in microbatches if any(r["policy"] == policy and r["stages"] == p and r["microbatches"] == m for r in rows)]
         ys = [next(r["efficiency"] for r in rows if r["policy"] == policy and r["stages"] == p and r["microbatches"] == m) for m in xs]
         axes[2].plot(xs, ys, marker="o", label=policy)
-    axes[0].set(title="m = 4p micro-batches", xlabel="stages p", ylabel="pipeline efficiency", xscale="log")
-    axes[1].set(title="m = 8 micro-batches", xlabel="stages p", xscale="log")
-    axes[2].set(title="p = 16 stages", xlabel="micro-batches m", xscale="log")
+    axes[0].set(title="m = 4p micro-batches (m <= 64)", xlabel="stages p", ylabel="pipeline efficiency")
+    axes[1].set(title="m = 8 micro-batches", xlabel="stages p")
+    axes[2].set(title="p = 16 stages", xlabel="micro-batches m")
+    from matplotlib.ticker import ScalarFormatter
+
     for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3)
     axes[2].legend(fontsize=8)
