@@ -133,7 +133,7 @@ def _run_pipeline(policy_name: str, full: MLP, batches):
     return stages, hooks
 
 
-@pytest.mark.parametrize("policy_name", ["gpipe", "pipedream_flush"])
+@pytest.mark.parametrize("policy_name", ["gpipe", "pipedream_flush", "zero_bubble"])
 def test_pipeline_equals_gradient_accumulation(policy_name):
     full = _full_model()
     batches = _data()
@@ -160,6 +160,32 @@ def test_pipeline_equals_gradient_accumulation(policy_name):
     total = N_BATCHES * N_MICRO
     assert sorted(j for kind, j in hooks.calls if kind == "inputs") == list(range(total))
     assert [j for kind, j in hooks.calls if kind == "outputs"] == list(range(total))
+
+
+def test_zero_bubble_computes_weight_gradients_in_its_w_actions():
+    """Under zero_bubble the linear weight gradient of micro-batch j is computed by W(j), not by B(j)
+    and not left to the update: after B(j) the stage still keeps j's (x, g), after W(j) it does not,
+    and nothing is left for the update's flush."""
+    full = _full_model()
+    hub = LocalHub()
+    stages = [Stage(full, s, hub, "zero_bubble") for s in range(N_STAGES)]
+    hooks = Hooks(_data()[:1], N_MICRO)
+    schedule = {s: st.policy.step_actions(N_STAGES, N_MICRO, s, 0, 0) for s, st in enumerate(stages)}
+    assert all(any(a.kind is ActionKind.WEIGHT for a in acts) for acts in schedule.values())
+
+    def kept(s: int) -> set:
+        return {mb for items in stages[s].executor.wgrad._kept.values() for mb, _, _ in items}
+
+    for action in _topological_order(schedule):
+        s = action.stage
+        if action.kind is ActionKind.UPDATE:
+            assert not stages[s].executor.wgrad.pending, f"stage {s}: W actions left work for the update"
+        stages[s].executor.run([action], hooks)
+        if action.kind is ActionKind.BACKWARD:
+            assert action.index in kept(s)
+        elif action.kind is ActionKind.WEIGHT:
+            assert action.index not in kept(s)
+    assert all(len(st.grads) == 1 for st in stages)
 
 
 def test_policies_produce_different_orders():

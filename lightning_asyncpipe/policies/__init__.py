@@ -6,7 +6,7 @@ from lightning_asyncpipe.policies.pipedream_2bw import PipeDream2BWPolicy
 from lightning_asyncpipe.policies.pipelined_backprop import PipelinedBackpropPolicy
 from lightning_asyncpipe.policies.pipemare import PipeMarePolicy
 from lightning_asyncpipe.policies.registry import available_policies, get_policy, policy_class, register_policy
-from lightning_asyncpipe.policies.sync import GPipePolicy, PipeDreamFlushPolicy
+from lightning_asyncpipe.policies.sync import GPipePolicy, PipeDreamFlushPolicy, ZeroBubblePolicy
 
 __all__ = [
     "WeightPolicy",
@@ -17,6 +17,7 @@ __all__ = [
     "available_policies",
     "GPipePolicy",
     "PipeDreamFlushPolicy",
+    "ZeroBubblePolicy",
     "PipeDreamPolicy",
     "PipeDream2BWPolicy",
     "PipeMarePolicy",
