@@ -63,7 +63,7 @@ class ChecksGlue:
                 f"{name}(policy={self.policy_name!r}) does not support accumulate_grad_batches="
                 f"{trainer.accumulate_grad_batches}: an asynchronous policy applies one update per batch (its weight "
                 "versions count batches). Use a larger batch (or more micro-batches) instead, or a synchronous "
-                "policy (gpipe, pipedream_flush), which accumulates as Lightning does."
+                "policy (gpipe, pipedream_flush, zero_bubble), which accumulates as Lightning does."
             )
         scaler = getattr(self.precision_plugin, "scaler", None)
         if scaler is not None:
