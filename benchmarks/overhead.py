@@ -130,7 +130,7 @@ def lightning_worker(policy: str, steps: int, out: str) -> None:
 
 def _median_summary(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over rounds of one stage's summaries (action kinds named as in the engine)."""
-    names = {"F": "FORWARD", "B": "BACKWARD", "U": "UPDATE"}
+    names = {"F": "FORWARD", "B": "BACKWARD", "W": "WEIGHT", "U": "UPDATE"}
     kinds: dict[str, list[float]] = {}
     for part in parts:
         for k, v in part["per_kind_ms"].items():

@@ -82,10 +82,8 @@ def schedule_of(policy: str, p: int, m: int, steps: int = STEPS) -> dict[int, li
 def predict(policy: str, p: int, m: int, forward: Mapping[int, float], backward: Mapping[int, float],
             update: Mapping[int, float], transfer: float, weight: Mapping[int, float] | None = None) -> dict[str, Any]:
     """Steady-state step time, bubble per stage and peak micro-batches in flight per stage."""
-    kwargs: dict[str, Any] = {}
-    if weight is not None and "weight_time" in simulate.__code__.co_varnames:
-        kwargs["weight_time"] = weight
-    result = simulate(schedule_of(policy, p, m), forward, backward, update, transfer_time=transfer, **kwargs)
+    result = simulate(schedule_of(policy, p, m), forward, backward, update, weight_time=weight or 0.0,
+                      transfer_time=transfer)  # fmt: skip
     ends = {a.index: e for _, e, a in result.timeline[0] if a.kind is ActionKind.UPDATE}
     k1, k2 = 2, STEPS - 2
     window = (ends[k1], ends[k2])
@@ -142,7 +140,8 @@ def validate(policies: list[str], stages: list[int], m: int) -> None:
             with tempfile.TemporaryDirectory() as out:
                 got = measure(policy, p, out)
             c = got["costs"]
-            pred = predict(policy, p, m, c["F"], c["B"], c.get("U", {s: 0.0 for s in range(p)}), got["transfer_wait_s"])
+            pred = predict(policy, p, m, c["F"], c["B"], c.get("U", {s: 0.0 for s in range(p)}), got["transfer_wait_s"],
+                           c.get("W"))  # fmt: skip
             err = pred["step_s"] / got["measured_step_s"] - 1
             rows.append({"policy": policy, "stages": p, "measured_ms": 1e3 * got["measured_step_s"],
                          "predicted_ms": 1e3 * pred["step_s"], "error": err, "costs": c})  # fmt: skip
@@ -191,8 +190,12 @@ def scale(policies: list[str], stages: list[int], microbatches: list[int]) -> No
                 except Exception:
                     continue  # e.g. 2BW needs m >= p
                 uniform = {s: c["F"] for s in range(p)}
+                # weight gradients: W actions where the schedule has them (zero_bubble), else in the
+                # update, once per batch (the engine's deferred weight gradients)
+                split = any(a.kind is ActionKind.WEIGHT for a in schedule_of(policy, p, m, 1)[0])
                 pred = predict(policy, p, m, uniform, {s: c["Bi"] for s in range(p)},
-                               {s: m * c["W"] for s in range(p)}, c["transfer"])  # fmt: skip
+                               {s: 0.0 if split else m * c["W"] for s in range(p)}, c["transfer"],
+                               {s: c["W"] for s in range(p)} if split else None)  # fmt: skip
                 ideal = m * (c["F"] + c["Bi"] + c["W"])  # a step's work on one stage, no bubble
                 memory = max(COPIES[policy](p, s, m) * c["weight_bytes"] + pred["peak_in_flight"][s] * c["act_bytes"]
                              for s in range(p))  # fmt: skip

@@ -61,7 +61,7 @@ from torch import nn  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
-POLICIES = ["gpipe", "pipedream_flush", "pipedream", "pipedream_2bw", "pipemare"]
+POLICIES = ["gpipe", "pipedream_flush", "zero_bubble", "pipedream", "pipedream_2bw", "pipemare"]
 ASYNC_POLICIES = ["pipedream", "pipedream_2bw", "pipemare"]
 WIDTH, LAYERS, BATCH, MICROBATCHES, LR, MOMENTUM = 1024, 8, 256, 8, 1e-3, 0.9
 MODEL = os.environ.get("ASYNCPIPE_BENCH_MODEL", "mlp")  # set by --model; inherited by every worker

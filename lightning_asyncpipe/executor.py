@@ -8,9 +8,11 @@ Each call to :meth:`PipelineExecutor.run` executes one Lightning step's actions 
           3. last stage: hand the output to the hooks (the user's step computes the loss), keep the
              loss; other stages: send the output, keep (input, output) and post the receive of
              its gradient
-    B(j)  4. backpropagate the kept loss, or the output with the received gradient
+    B(j)  4. backpropagate the kept loss, or the output with the received gradient (the
+             ``nn.Linear`` weight gradients are deferred: their ``(x, g)`` kept, tagged ``j``)
           5. send the input's gradient to the previous stage
-    U(k)  6. complete the deferred weight gradients (:mod:`lightning_asyncpipe.wgrad`), then
+    W(j)  compute micro-batch ``j``'s deferred weight gradients (zero-bubble schedules only)
+    U(k)  6. complete the deferred weight gradients still kept (:mod:`lightning_asyncpipe.wgrad`), then
              ``policy.update(k, apply)``: the policy decides which weights the update lands on,
              ``apply`` performs one optimizer update of the live weights
 
@@ -159,6 +161,9 @@ class PipelineExecutor:
                 self._forward(a.index, hooks, train)
             elif a.kind is ActionKind.BACKWARD:
                 self._backward(a.index)
+            elif a.kind is ActionKind.WEIGHT:
+                if self.wgrad is not None:  # without deferral B computed the weight gradients
+                    self.wgrad.flush(a.index)
             else:
                 if self.wgrad is not None:
                     self.wgrad.flush()
@@ -211,6 +216,8 @@ class PipelineExecutor:
         except KeyError:
             raise AsyncPipeError(f"Stage {self.stage} has no forward state for micro-batch {j}.") from None
         self.activation_bytes -= _nbytes(inputs) + _nbytes(outputs)
+        if self.wgrad is not None:
+            self.wgrad.microbatch = j
         if self.is_last:
             torch.autograd.backward(outputs[0])
         else:

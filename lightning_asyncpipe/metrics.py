@@ -152,6 +152,8 @@ class PipelineMetrics:
         return values
 
 
-def theoretical_bubble(schedule: Schedule) -> dict[int, float]:
-    """The idle fraction of each stage when ``schedule`` runs with unit action times."""
-    return simulate(schedule).bubble
+def theoretical_bubble(schedule: Schedule, weight_time: float = 0.0) -> dict[int, float]:
+    """The idle fraction of each stage when ``schedule`` runs with unit forward and input-gradient
+    times and ``weight_time`` per weight gradient (a ``W`` action, or part of a ``B`` on a stage
+    without ``W``; see :func:`~lightning_asyncpipe.schedule.simulate`)."""
+    return simulate(schedule, weight_time=weight_time).bubble

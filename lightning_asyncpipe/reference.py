@@ -14,6 +14,7 @@ updates, and every batch is one update, so ``f`` updates were done at the fill):
 policy                 forward version                            backward
 =====================  =========================================  ==============================
 gpipe, pipedream_flush ``k``                                      same weights
+zero_bubble (ZB-H1)    ``k``                                      same weights
 pipedream              ``f + floor(max(0, r - w_s) / m)``         same weights
 pipedream vertical     ``f + floor(max(0, r - (p-1)) / m)``       same weights
 pipedream_2bw          ``max(0, k - 1)``                          same weights
@@ -59,7 +60,7 @@ from lightning_asyncpipe.microbatch import microbatch_weights, split
 
 __all__ = ["reference_train", "reference_train_stages", "split_stages", "ReferenceResult", "SYNCHRONOUS", "STASHING", "RECOMPUTING"]
 
-SYNCHRONOUS = ("gpipe", "pipedream_flush")
+SYNCHRONOUS = ("gpipe", "pipedream_flush", "zero_bubble")  # the order of passes differs, not the result
 STASHING = ("pipedream", "pipedream_2bw", "nesterov_async")
 RECOMPUTING = ("pipemare", "pipelined_backprop", "pipeoptim")
 

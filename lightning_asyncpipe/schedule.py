@@ -2,10 +2,13 @@
 
 A schedule maps each stage to the ordered list of actions that stage runs. Micro-batches are
 numbered globally in data order: batch ``k`` holds micro-batches ``k*m .. k*m+m-1``. ``U`` actions
-carry the batch whose gradient they apply. The text form of an action is ``"<stage><kind><index>"``
-(``"1F3"``: stage 1, forward of micro-batch 3), optionally followed by ``v<weight version>``.
+carry the batch whose gradient they apply. ``B`` is the whole backward of a micro-batch, unless the
+stage's list also has ``W`` actions: then ``B`` computes the input gradient and ``W`` the weight
+gradient of the layers that can defer it (:mod:`lightning_asyncpipe.wgrad`). The text form of an
+action is ``"<stage><kind><index>"`` (``"1F3"``: stage 1, forward of micro-batch 3), optionally
+followed by ``v<weight version>``.
 
-Clock-cycle picture of the three generators for 3 stages and 4 micro-batches (one time unit per
+Clock-cycle picture of the generators for 3 stages and 4 micro-batches (one time unit per
 forward and backward, read with :func:`format_table`)::
 
     gpipe           0F0 0F1 0F2 0F3  .   .   .   .  0B0 0B1 0B2 0B3 0U0
@@ -13,6 +16,9 @@ forward and backward, read with :func:`format_table`)::
 
     one_f_one_b     stage s warms up with min(p-1-s, m) forwards, then alternates one forward and
                     one backward, cools down, and updates: same bubble, only p-s micro-batches in flight
+
+    zero_bubble_h1  1F1B's order of F and B, the backward split into B (input gradient) and W
+                    (weight gradient); W actions fill the cool-down bubble (ZB-H1, see the function)
 
     async_1f1b      the 1F1B steady state kept across batches: stage s runs F(j) then B(j-(p-1-s))
                     forever and applies U(k) right after the last backward of batch k. Each
@@ -37,6 +43,7 @@ __all__ = [
     "forward_only",
     "gpipe",
     "one_f_one_b",
+    "zero_bubble_h1",
     "async_1f1b_step",
     "async_1f1b_drain",
     "async_1f1b",
@@ -54,10 +61,11 @@ class ActionKind(str, Enum):
 
     FORWARD = "F"
     BACKWARD = "B"
+    WEIGHT = "W"
     UPDATE = "U"
 
 
-_ACTION_RE = re.compile(r"^(\d+)([FBU])(\d+)(?:v(\d+))?$")
+_ACTION_RE = re.compile(r"^(\d+)([FBWU])(\d+)(?:v(\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -66,8 +74,8 @@ class Action:
 
     Args:
         stage: the pipeline stage that runs it.
-        kind: forward, backward or update.
-        index: the micro-batch (``F``, ``B``) or the batch whose gradient is applied (``U``).
+        kind: forward, backward (input gradient when the stage also has ``W``), weight gradient or update.
+        index: the micro-batch (``F``, ``B``, ``W``) or the batch whose gradient is applied (``U``).
         weight_version: the number of updates the weights used by this action have seen, when a
             policy has annotated the plan; ``None`` otherwise.
     """
@@ -90,7 +98,7 @@ class Action:
         """
         match = _ACTION_RE.match(text.strip())
         if match is None:
-            raise ScheduleError(f"Invalid action {text!r}: expected '<stage><F|B|U><index>[v<version>]', e.g. '1F3'.")
+            raise ScheduleError(f"Invalid action {text!r}: expected '<stage><F|B|W|U><index>[v<version>]', e.g. '1F3'.")
         stage, kind, index, version = match.groups()
         return Action(int(stage), ActionKind(kind), int(index), None if version is None else int(version))
 
@@ -105,6 +113,10 @@ def _f(stage: int, j: int) -> Action:
 
 def _b(stage: int, j: int) -> Action:
     return Action(stage, ActionKind.BACKWARD, j)
+
+
+def _w(stage: int, j: int) -> Action:
+    return Action(stage, ActionKind.WEIGHT, j)
 
 
 def _u(stage: int, k: int) -> Action:
@@ -135,6 +147,41 @@ def one_f_one_b(n_stages: int, n_microbatches: int, step: int = 0) -> Schedule:
             actions += [_f(s, base + warmup + i), _b(s, base + i)]
         actions += [_b(s, base + j) for j in range(n_microbatches - warmup, n_microbatches)]
         schedule[s] = actions + [_u(s, step)]
+    return schedule
+
+
+def zero_bubble_h1(n_stages: int, n_microbatches: int, step: int = 0) -> Schedule:
+    """ZB-H1 (Qi et al., ICLR 2024, "Zero Bubble Pipeline Parallelism", section 2.1) for one batch.
+
+    The backward is split into ``B`` (the input gradient, which the previous stage waits for) and
+    ``W`` (the weight gradient, which nobody waits for). The order of ``F`` and ``B`` is 1F1B's;
+    stage ``s`` runs the ``W`` of a micro-batch ``s`` backwards after its ``B`` (right after the
+    ``B`` on stage 0), and the ``W`` still owed at the end fill the cool-down, where 1F1B idles.
+    Every stage then keeps at most ``p`` micro-batches in flight (until their ``W``): stage 0's
+    1F1B peak. With equal ``F``, ``B``, ``W`` times the bubble of a stage shrinks from
+    ``(p-1)(F+B+W)`` to ``(p-1)(F+B-W)``: a third. p = 3, m = 4 (one time unit per action)::
+
+        stage 0: 0F0 0F1 0F2 .   .   0B0 0W0 0F3 0B1 0W1 0B2 0W2 0B3 0W3
+        stage 1: .   1F0 1F1 .   1B0 1F2 1B1 1W0 1F3 1B2 1W1 1B3 1W2 1W3
+        stage 2: .   .   2F0 2B0 2F1 2B1 2F2 2B2 2W0 2F3 2B3 2W1 2W2 2W3
+
+    The same order as torch.distributed.pipelining's ``ScheduleInterleavedZeroBubble`` with one
+    stage per rank.
+    """
+    base = step * n_microbatches
+    schedule: Schedule = {}
+    for s in range(n_stages):
+        warmup = min(n_stages - 1 - s, n_microbatches)
+        actions = [_f(s, base + j) for j in range(warmup)]
+        owed: list[int] = []  # micro-batches whose B is done and W is not
+        for i in range(n_microbatches):
+            if i < n_microbatches - warmup:
+                actions.append(_f(s, base + warmup + i))
+            actions.append(_b(s, base + i))
+            owed.append(base + i)
+            if len(owed) > s:
+                actions.append(_w(s, owed.pop(0)))
+        schedule[s] = actions + [_w(s, j) for j in owed] + [_u(s, step)]
     return schedule
 
 
@@ -185,7 +232,9 @@ def validate(schedule: Schedule, n_microbatches: int) -> None:
 
     Rules: every action sits in its own stage's list; every stage runs the same micro-batches;
     each ``(stage, kind, index)`` happens once; a backward follows its forward on the same stage;
-    ``U(k)`` follows every backward of batch ``k`` and happens once per batch; every stage forwards
+    a weight gradient ``W(j)`` follows ``B(j)`` on the same stage, and a stage that splits its
+    backwards has a ``W`` for every ``B``; ``U(k)`` follows every backward (and every ``W``) of
+    batch ``k`` and happens once per batch; every stage forwards
     and backwards in one common order (transfers are first-in first-out); and the stages can run
     their lists concurrently to the end (checked by :func:`simulate`).
 
@@ -199,6 +248,8 @@ def validate(schedule: Schedule, n_microbatches: int) -> None:
     for s, actions in schedule.items():
         seen: set[tuple[ActionKind, int]] = set()
         done_b: dict[int, int] = {}
+        done_w: dict[int, int] = {}
+        split = any(a.kind is ActionKind.WEIGHT for a in actions)
         for a in actions:
             if a.stage != s:
                 raise ScheduleError(f"Action {a} is listed for stage {s}.")
@@ -209,16 +260,34 @@ def validate(schedule: Schedule, n_microbatches: int) -> None:
                 if (ActionKind.FORWARD, a.index) not in seen:
                     raise ScheduleError(f"Backward {a} comes before its forward on stage {s}: {_row(actions)}")
                 done_b[a.index // n_microbatches] = done_b.get(a.index // n_microbatches, 0) + 1
+            if a.kind is ActionKind.WEIGHT:
+                if (ActionKind.BACKWARD, a.index) not in seen:
+                    raise ScheduleError(
+                        f"Weight gradient {a} comes before the backward {s}B{a.index} on stage {s} (W needs the "
+                        f"output gradient that B receives): {_row(actions)}"
+                    )
+                done_w[a.index // n_microbatches] = done_w.get(a.index // n_microbatches, 0) + 1
             if a.kind is ActionKind.UPDATE and done_b.get(a.index, 0) != n_microbatches:
                 raise ScheduleError(
                     f"Update {a} comes after {done_b.get(a.index, 0)} of the {n_microbatches} backwards of batch "
                     f"{a.index} on stage {s}: {_row(actions)}"
                 )
+            if a.kind is ActionKind.UPDATE and split and done_w.get(a.index, 0) != n_microbatches:
+                raise ScheduleError(
+                    f"Update {a} comes after {done_w.get(a.index, 0)} of the {n_microbatches} weight gradients of "
+                    f"batch {a.index} on stage {s}: {_row(actions)}"
+                )
         forwards = {i for k, i in seen if k is ActionKind.FORWARD}
         backwards = {i for k, i in seen if k is ActionKind.BACKWARD}
         updates = {i for k, i in seen if k is ActionKind.UPDATE}
+        weights = {i for k, i in seen if k is ActionKind.WEIGHT}
         if forwards != backwards:
             raise ScheduleError(f"Stage {s} runs forwards without backwards: {sorted(forwards ^ backwards)}.")
+        if split and weights != backwards:
+            raise ScheduleError(
+                f"Stage {s} splits its backwards but has no weight gradient for micro-batches "
+                f"{sorted(backwards - weights)}: every B needs its W on a stage with W actions."
+            )
         if updates != {j // n_microbatches for j in forwards}:
             raise ScheduleError(f"Stage {s} updates batches {sorted(updates)}, not the batches it trains.")
         if reference is None:
@@ -266,11 +335,19 @@ def simulate(
     forward_time: float | Mapping[int, float] = 1.0,
     backward_time: float | Mapping[int, float] = 1.0,
     update_time: float | Mapping[int, float] = 0.0,
+    weight_time: float | Mapping[int, float] = 0.0,
     transfer_time: float = 0.0,
 ) -> SimResult:
     """Run ``schedule`` on an idealised machine: each stage runs its list in order, each action as
     early as its dependencies allow (``F(j)`` at stage s after ``F(j)`` at s-1; ``B(j)`` at stage s
-    after ``B(j)`` at s+1), plus ``transfer_time`` for the tensors to cross the link (default: free).
+    after ``B(j)`` at s+1; ``W(j)`` only after the stage's earlier actions), plus ``transfer_time``
+    for the tensors to cross the link (default: free).
+
+    ``backward_time`` is the input-gradient part of a backward and ``weight_time`` its
+    weight-gradient part: on a stage whose list has ``W`` actions, ``B`` takes ``backward_time``
+    and ``W`` takes ``weight_time``; on a stage without, ``B`` is the whole backward and takes
+    their sum. A micro-batch counts as in flight from its forward until its ``W`` (its input and
+    output gradient are kept for it) on a stage that splits, until its ``B`` otherwise.
 
     Raises:
         ScheduleError: if the stages cannot all finish (a deadlock), with the clock table so far.
@@ -280,6 +357,7 @@ def simulate(
     def _dur(value: float | Mapping[int, float], s: int) -> float:
         return float(value[s]) if isinstance(value, Mapping) else float(value)
 
+    split = {s: any(a.kind is ActionKind.WEIGHT for a in actions) for s, actions in schedule.items()}
     end: dict[tuple[int, ActionKind, int], float] = {}
     pos = {s: 0 for s in schedule}
     free = {s: 0.0 for s in schedule}
@@ -300,7 +378,8 @@ def simulate(
                 start = max([free[s]] + [end[d] + transfer_time for d in deps])
                 duration = {
                     ActionKind.FORWARD: _dur(forward_time, s),
-                    ActionKind.BACKWARD: _dur(backward_time, s),
+                    ActionKind.BACKWARD: _dur(backward_time, s) + (0.0 if split[s] else _dur(weight_time, s)),
+                    ActionKind.WEIGHT: _dur(weight_time, s),
                     ActionKind.UPDATE: _dur(update_time, s),
                 }[a.kind]
                 end[(s, a.kind, a.index)] = free[s] = start + duration
@@ -317,8 +396,9 @@ def simulate(
         busy = sum(e - b for b, e, _ in events)
         result.bubble[s] = 0.0 if makespan == 0 else 1.0 - busy / makespan
         in_flight = peak = 0
+        release = ActionKind.WEIGHT if split[s] else ActionKind.BACKWARD
         for _, _, a in events:
-            in_flight += {ActionKind.FORWARD: 1, ActionKind.BACKWARD: -1}.get(a.kind, 0)
+            in_flight += 1 if a.kind is ActionKind.FORWARD else -1 if a.kind is release else 0
             peak = max(peak, in_flight)
         result.peak_in_flight[s] = peak
     return result
@@ -338,7 +418,7 @@ def _format_timeline(timeline: Mapping[int, list[tuple[float, float, Action]]]) 
 
 
 def format_table(schedule: Schedule) -> str:
-    """The clock-cycle table of ``schedule`` (one time unit per forward and backward).
+    """The clock-cycle table of ``schedule`` (one time unit per forward, backward and weight gradient).
 
     Example::
 
@@ -346,7 +426,8 @@ def format_table(schedule: Schedule) -> str:
         stage 0: 0F0 0F1 .   .   0B0 0B1
         stage 1: .   1F0 1F1 1B0 1B1 .
     """
-    return _format_timeline(simulate(schedule).timeline)
+    split = any(a.kind is ActionKind.WEIGHT for actions in schedule.values() for a in actions)
+    return _format_timeline(simulate(schedule, weight_time=1.0 if split else 0.0).timeline)
 
 
 def to_text(schedule: Schedule) -> str:

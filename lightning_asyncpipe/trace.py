@@ -17,7 +17,10 @@ from lightning_asyncpipe.schedule import ActionKind
 
 __all__ = ["TimelineRecorder", "TimelineEvent", "write_chrome_trace", "plot_timeline"]
 
-_COLOURS = {ActionKind.FORWARD: "#4C72B0", ActionKind.BACKWARD: "#DD8452", ActionKind.UPDATE: "#55A868"}
+_COLOURS = {ActionKind.FORWARD: "#4C72B0", ActionKind.BACKWARD: "#DD8452", ActionKind.WEIGHT: "#C44E52",
+            ActionKind.UPDATE: "#55A868"}  # fmt: skip
+_LABELS = {ActionKind.FORWARD: "forward", ActionKind.BACKWARD: "backward", ActionKind.WEIGHT: "weight gradient",
+           ActionKind.UPDATE: "update"}  # fmt: skip
 
 
 class TimelineEvent(NamedTuple):
@@ -61,7 +64,7 @@ def write_chrome_trace(events: Sequence[TimelineEvent], path: str | Path) -> Pat
 
 
 def plot_timeline(events: Sequence[TimelineEvent], path: str | Path, title: str = "") -> Optional[Path]:
-    """Draw one row per stage (forward, backward, update; hatched: waiting for a transfer).
+    """Draw one row per stage (forward, backward, weight gradient, update; hatched: waiting for a transfer).
 
     Returns:
         The PNG's path, or ``None`` if matplotlib is not installed (``pip install matplotlib``).
@@ -87,9 +90,10 @@ def plot_timeline(events: Sequence[TimelineEvent], path: str | Path, title: str 
     ax.invert_yaxis()
     ax.set_xlabel("time (ms)")
     ax.set_title(title)
-    handles = [Patch(color=c, label={"F": "forward", "B": "backward", "U": "update"}[k.value]) for k, c in _COLOURS.items()]
+    shown = {ActionKind(e.kind) for e in events} | {ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.UPDATE}
+    handles = [Patch(color=c, label=_LABELS[k]) for k, c in _COLOURS.items() if k in shown]
     handles.append(Patch(facecolor="none", edgecolor="#999999", hatch="///", label="waiting for a transfer"))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=4, frameon=False)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=len(handles), frameon=False)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

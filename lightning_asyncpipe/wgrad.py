@@ -16,6 +16,12 @@ weight is the identity, so ``dW`` is the same), outside autocast; other computed
 layers under autocast take the usual path.
 Cost: ``x`` and ``g`` of every micro-batch of the batch stay alive until the update (``x`` is
 kept for the backward anyway).
+
+Zero-bubble schedules (:func:`lightning_asyncpipe.schedule.zero_bubble_h1`) instead flush one
+micro-batch at its ``W`` action (``flush(microbatch=j)``): the backward tags what it keeps with
+the micro-batch the executor set in :attr:`DeferredWeightGrad.microbatch`, so the weight gradient
+of micro-batch ``j`` is computed when the schedule says, in the pipeline's bubbles. Layers this
+module cannot defer compute their weight gradients in ``B``, as usual.
 """
 
 from __future__ import annotations
@@ -65,9 +71,12 @@ class DeferredWeightGrad:
 
     def __init__(self, module: nn.Module) -> None:
         self.layers = [m for m in module.modules() if type(m) is nn.Linear]
-        self._kept: dict[nn.Linear, list[tuple[Tensor, Tensor]]] = {}
+        self._index = {layer: i for i, layer in enumerate(self.layers)}
+        self._kept: dict[nn.Linear, list[tuple[Optional[int], Tensor, Tensor]]] = {}
         self._buffers: dict[tuple[Any, ...], Tensor] = {}
         self.active = False
+        self.microbatch: Optional[int] = None
+        """The micro-batch whose backward runs now: what :meth:`keep` tags its ``(x, g)`` with."""
         for layer in self.layers:
             layer.forward = self._forward_of(layer)  # type: ignore[method-assign]
 
@@ -83,7 +92,7 @@ class DeferredWeightGrad:
         return forward
 
     def keep(self, layer: nn.Linear, x: Tensor, grad: Tensor) -> None:
-        self._kept.setdefault(layer, []).append((x.detach(), grad.detach()))
+        self._kept.setdefault(layer, []).append((self.microbatch, x.detach(), grad.detach()))
 
     def repeat_kept(self, times: int) -> None:
         """Keep everything kept so far ``times`` times (profiling a whole batch's flush)."""
@@ -101,11 +110,22 @@ class DeferredWeightGrad:
             buf = self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
         return buf
 
-    def flush(self) -> None:
-        """Add ``G^T X`` of everything kept to each layer's live ``weight.grad``."""
-        for i, (layer, items) in enumerate(self._kept.items()):
-            xs_list = [x.reshape(-1, x.shape[-1]) for x, _ in items]
-            gs_list = [g.reshape(-1, g.shape[-1]) for _, g in items]
+    def flush(self, microbatch: Optional[int] = None) -> None:
+        """Add ``G^T X`` of everything kept (or only of ``microbatch``'s backward) to each layer's
+        live ``weight.grad``."""
+        for layer in list(self._kept):
+            items = self._kept[layer]
+            now = items if microbatch is None else [it for it in items if it[0] == microbatch]
+            if not now:
+                continue
+            later = [] if microbatch is None else [it for it in items if it[0] != microbatch]
+            if later:
+                self._kept[layer] = later
+            else:
+                del self._kept[layer]
+            i = self._index[layer]  # buffers by layer: a flush may cover only some layers
+            xs_list = [x.reshape(-1, x.shape[-1]) for _, x, _ in now]
+            gs_list = [g.reshape(-1, g.shape[-1]) for _, _, g in now]
             rows = sum(x.shape[0] for x in xs_list)
             xs = torch.cat(xs_list, out=self._buffer(("x", i), xs_list[0], (rows, xs_list[0].shape[1])))
             gs = torch.cat(gs_list, out=self._buffer(("g", i), gs_list[0], (rows, gs_list[0].shape[1])))
@@ -114,7 +134,6 @@ class DeferredWeightGrad:
                 weight.grad = torch.mm(gs.t(), xs, out=self._buffer(("w", i), weight, tuple(weight.shape)))
             else:
                 weight.grad.addmm_(gs.t(), xs)
-        self._kept.clear()
 
     def remove(self) -> None:
         """Give the layers their own ``forward`` back."""

@@ -96,7 +96,7 @@ def _reference(model: MLP, batches):
 
 
 class Stage:
-    def __init__(self, full: MLP, stage: int, hub: LocalHub, policy_name: str) -> None:
+    def __init__(self, full: MLP, stage: int, hub: LocalHub, policy_name: str, defer: bool = True) -> None:
         self.module = copy.deepcopy(full)
         self.part = partition_module(self.module, N_STAGES, stage)
         self.opt = torch.optim.SGD(self.module.parameters(), lr=LR)
@@ -104,7 +104,8 @@ class Stage:
         self.policy = get_policy(policy_name)
         self.policy.bind(stage, N_STAGES, N_MICRO, self.part.local, self.opt)
         self.executor = PipelineExecutor(
-            self.part.local, stage, N_STAGES, LocalTransport(hub, stage), self.policy, self.apply_update
+            self.part.local, stage, N_STAGES, LocalTransport(hub, stage), self.policy, self.apply_update,
+            defer_weight_grad=defer,
         )
 
     def apply_update(self, batch, step_fn=None) -> None:
@@ -118,9 +119,9 @@ def _topological_order(schedule) -> list[Action]:
     return [a for *_, a in sorted(events, key=lambda e: e[:3])]
 
 
-def _run_pipeline(policy_name: str, full: MLP, batches):
+def _run_pipeline(policy_name: str, full: MLP, batches, defer: bool = True):
     hub = LocalHub()
-    stages = [Stage(full, s, hub, policy_name) for s in range(N_STAGES)]
+    stages = [Stage(full, s, hub, policy_name, defer) for s in range(N_STAGES)]
     hooks = Hooks(batches, N_MICRO)
     for k in range(N_BATCHES):
         schedule = {s: st.policy.step_actions(N_STAGES, N_MICRO, s, k, 0) for s, st in enumerate(stages)}
@@ -133,12 +134,14 @@ def _run_pipeline(policy_name: str, full: MLP, batches):
     return stages, hooks
 
 
-@pytest.mark.parametrize("policy_name", ["gpipe", "pipedream_flush"])
-def test_pipeline_equals_gradient_accumulation(policy_name):
+@pytest.mark.parametrize("policy_name, defer", [("gpipe", True), ("pipedream_flush", True), ("zero_bubble", True),
+                                                ("zero_bubble", False)])  # fmt: skip
+def test_pipeline_equals_gradient_accumulation(policy_name, defer):
+    """(zero_bubble without deferred weight gradients: B computes them and W has nothing to do.)"""
     full = _full_model()
     batches = _data()
     reference, ref_grads = _reference(full, batches)
-    stages, hooks = _run_pipeline(policy_name, full, batches)
+    stages, hooks = _run_pipeline(policy_name, full, batches, defer)
 
     # the stages hold disjoint parts of the model that together are all of it
     names = [n for st in stages for n, _ in st.module.named_parameters()]
@@ -160,6 +163,32 @@ def test_pipeline_equals_gradient_accumulation(policy_name):
     total = N_BATCHES * N_MICRO
     assert sorted(j for kind, j in hooks.calls if kind == "inputs") == list(range(total))
     assert [j for kind, j in hooks.calls if kind == "outputs"] == list(range(total))
+
+
+def test_zero_bubble_computes_weight_gradients_in_its_w_actions():
+    """Under zero_bubble the linear weight gradient of micro-batch j is computed by W(j), not by B(j)
+    and not left to the update: after B(j) the stage still keeps j's (x, g), after W(j) it does not,
+    and nothing is left for the update's flush."""
+    full = _full_model()
+    hub = LocalHub()
+    stages = [Stage(full, s, hub, "zero_bubble") for s in range(N_STAGES)]
+    hooks = Hooks(_data()[:1], N_MICRO)
+    schedule = {s: st.policy.step_actions(N_STAGES, N_MICRO, s, 0, 0) for s, st in enumerate(stages)}
+    assert all(any(a.kind is ActionKind.WEIGHT for a in acts) for acts in schedule.values())
+
+    def kept(s: int) -> set:
+        return {mb for items in stages[s].executor.wgrad._kept.values() for mb, _, _ in items}
+
+    for action in _topological_order(schedule):
+        s = action.stage
+        if action.kind is ActionKind.UPDATE:
+            assert not stages[s].executor.wgrad.pending, f"stage {s}: W actions left work for the update"
+        stages[s].executor.run([action], hooks)
+        if action.kind is ActionKind.BACKWARD:
+            assert action.index in kept(s)
+        elif action.kind is ActionKind.WEIGHT:
+            assert action.index not in kept(s)
+    assert all(len(st.grads) == 1 for st in stages)
 
 
 def test_policies_produce_different_orders():

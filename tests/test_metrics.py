@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_asyncpipe.metrics import StageMax, StageMean, theoretical_bubble
-from lightning_asyncpipe.schedule import async_1f1b, one_f_one_b, simulate
+from lightning_asyncpipe.schedule import async_1f1b, one_f_one_b, simulate, zero_bubble_h1
 from tests.helpers.launch import run_script
 
 
@@ -58,3 +58,20 @@ def test_stage_metrics_keep_each_stage_in_its_slot() -> None:
 def test_theoretical_bubble() -> None:
     assert theoretical_bubble(one_f_one_b(4, 4))[0] == pytest.approx(3 / 7)
     assert theoretical_bubble(async_1f1b(4, 4, 50))[0] == pytest.approx(3 / 203)
+    # ZB-H1 with weight gradients as long as forwards: a third of 1F1B's idle time
+    assert theoretical_bubble(one_f_one_b(4, 8), weight_time=1.0)[0] == pytest.approx(9 / 33)
+    assert theoretical_bubble(zero_bubble_h1(4, 8), weight_time=1.0)[0] == pytest.approx(3 / 27)
+
+
+def test_timeline_picture_shows_weight_gradients(tmp_path) -> None:
+    """A zero-bubble run's W actions get their own colour and legend entry in the timeline picture."""
+    pytest.importorskip("matplotlib")
+    from lightning_asyncpipe.trace import TimelineEvent, plot_timeline, write_chrome_trace
+
+    timeline = simulate(zero_bubble_h1(2, 2), weight_time=1.0).timeline
+    events = [TimelineEvent(s, 0, str(a), a.kind.value, b * 1e-3, e * 1e-3, 0.0)
+              for s, evs in timeline.items() for b, e, a in evs]  # fmt: skip
+    assert {e.kind for e in events} == {"F", "B", "W", "U"}
+    assert plot_timeline(events, tmp_path / "zb.png").stat().st_size > 5_000
+    trace = json.loads(write_chrome_trace(events, tmp_path / "zb.json").read_text())["traceEvents"]
+    assert sum(e.get("cat") == "W" for e in trace) == 4

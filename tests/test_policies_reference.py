@@ -87,7 +87,7 @@ def test_delays_and_weight_copies_match_theory(runs: dict[int, str], n_stages: i
         m = case.microbatches
         for s, report in enumerate(reports):
             delays, peak, extra = report["delays"], report["peak_weight_copies"], report["extra_buffers"]
-            if case.policy in ("gpipe", "pipedream_flush"):
+            if case.policy in ("gpipe", "pipedream_flush", "zero_bubble"):
                 assert set(delays) == {0} and peak == 1 and extra == 0, case.name
             elif case.policy == "pipedream" and not case.options and m == 1:
                 assert delays[-1] == max(delays) == p - 1 - s, (case.name, s, delays)

@@ -21,9 +21,10 @@ from lightning_asyncpipe.schedule import (
     simulate,
     to_text,
     validate,
+    zero_bubble_h1,
 )
 
-F, B, U = ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.UPDATE
+F, B, W, U = ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.WEIGHT, ActionKind.UPDATE
 
 
 def sched(text: str):
@@ -42,12 +43,41 @@ ONE_F_ONE_B_3_4 = (
 )
 
 
+# ZB-H1, 3 stages, 4 micro-batches: 1F1B's F and B, stage s runs W(j) s backwards after B(j), and
+# the W still owed fill the cool-down (one time unit per action).
+ZERO_BUBBLE_3_4 = (
+    "stage 0: 0F0 0F1 0F2 .   .   0B0 0W0 0F3 0B1 0W1 0B2 0W2 0B3 0W3\n"
+    "stage 1: .   1F0 1F1 .   1B0 1F2 1B1 1W0 1F3 1B2 1W1 1B3 1W2 1W3\n"
+    "stage 2: .   .   2F0 2B0 2F1 2B1 2F2 2B2 2W0 2F3 2B3 2W1 2W2 2W3"
+)
+
+
 def test_gpipe_table():
     assert format_table(gpipe(2, 2)) == GPIPE_2_2
 
 
 def test_one_f_one_b_table():
     assert format_table(one_f_one_b(3, 4)) == ONE_F_ONE_B_3_4
+
+
+def test_zero_bubble_table():
+    assert format_table(zero_bubble_h1(3, 4)) == ZERO_BUBBLE_3_4
+    assert to_text(zero_bubble_h1(3, 4)) == (
+        "0: 0F0 0F1 0F2 0B0 0W0 0F3 0B1 0W1 0B2 0W2 0B3 0W3 0U0\n"
+        "1: 1F0 1F1 1B0 1F2 1B1 1W0 1F3 1B2 1W1 1B3 1W2 1W3 1U0\n"
+        "2: 2F0 2B0 2F1 2B1 2F2 2B2 2W0 2F3 2B3 2W1 2W2 2W3 2U0"
+    )
+
+
+@pytest.mark.parametrize("p, m", [(1, 3), (2, 2), (3, 4), (4, 2), (4, 8), (5, 7)])
+def test_zero_bubble_keeps_one_f_one_b_order_of_f_and_b(p, m):
+    """ZB-H1 moves only the W actions: without them it is 1F1B, for every batch of the stream."""
+    for step in (0, 2):
+        zb, flush = zero_bubble_h1(p, m, step), one_f_one_b(p, m, step)
+        assert {s: [a for a in acts if a.kind is not W] for s, acts in zb.items()} == flush
+        for s, acts in zb.items():  # W of every micro-batch, in B's order, before the update
+            assert [a.index for a in acts if a.kind is W] == [a.index for a in acts if a.kind is B]
+            assert acts[-1] == Action(s, U, step)
 
 
 def test_generator_lists():
@@ -80,6 +110,8 @@ def test_generator_lists():
         ("0B2v1", Action(0, B, 2, 1)),
         ("12U40", Action(12, U, 40)),
         ("3F0v0", Action(3, F, 0, 0)),
+        ("2W5", Action(2, W, 5)),
+        ("1W0v3", Action(1, W, 0, 3)),
     ],
 )
 def test_action_parse_str_round_trip(text, action):
@@ -100,7 +132,7 @@ def test_action_parse_rejects(text):
 
 @pytest.mark.parametrize(
     "schedule",
-    [gpipe(3, 4), gpipe(2, 3, step=2), one_f_one_b(4, 6), one_f_one_b(3, 2, step=1), async_1f1b(4, 3, 5),
+    [gpipe(3, 4), gpipe(2, 3, step=2), one_f_one_b(4, 6), zero_bubble_h1(4, 6, step=1), one_f_one_b(3, 2, step=1), async_1f1b(4, 3, 5),
      forward_only(3, 5), concat(gpipe(2, 2, 0), gpipe(2, 2, 1))],  # fmt: skip
 )
 def test_text_round_trip(schedule):
@@ -137,6 +169,8 @@ def test_generators_validate(p, m):
     validate(concat(*(one_f_one_b(p, m, k) for k in range(3))), m)
     validate(gpipe(p, m, step=4), m)
     validate(one_f_one_b(p, m, step=2), m)
+    validate(zero_bubble_h1(p, m), m)
+    validate(concat(*(zero_bubble_h1(p, m, k) for k in range(3))), m)
 
 
 def test_async_refill_validates():
@@ -170,6 +204,27 @@ def test_validate_missing_backward():
 def test_validate_update_before_all_backwards():
     with pytest.raises(ScheduleError, match=r"Update 0U0 comes after 1 of the 2 backwards of batch 0 on stage 0"):
         validate(sched("0: 0F0 0F1 0B0 0U0 0B1\n1: 1F0 1F1 1B0 1B1 1U0"), 2)
+
+
+def test_validate_weight_gradient_before_its_backward():
+    with pytest.raises(ScheduleError, match=r"Weight gradient 0W1 comes before the backward 0B1 on stage 0"):
+        validate(sched("0: 0F0 0F1 0B0 0W0 0W1 0B1 0U0\n1: 1F0 1F1 1B0 1B1 1U0"), 2)
+
+
+def test_validate_update_before_all_weight_gradients():
+    with pytest.raises(ScheduleError, match=r"Update 1U0 comes after 1 of the 2 weight gradients of batch 0"):
+        validate(sched("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0 1W0 1B1 1U0 1W1"), 2)
+
+
+def test_validate_missing_weight_gradient():
+    """A stage that splits its backwards needs a W for every B (a stage that does not split may
+    sit next to one that does: B is then the whole backward)."""
+    with pytest.raises(ScheduleError, match=r"Update 1U0 comes after 1 of the 2 weight gradients of batch 0"):
+        validate(sched("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0 1W0 1B1 1U0"), 2)
+    with pytest.raises(ScheduleError, match=r"Stage 1 splits its backwards but has no weight gradient for "
+                                            r"micro-batches \[1\]"):  # fmt: skip
+        validate(sched("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0 1W0 1B1"), 2)
+    validate(sched("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0 1W0 1B1 1W1 1U0"), 2)
 
 
 def test_validate_missing_or_wrong_update():
@@ -263,6 +318,37 @@ def test_simulate_per_stage_times_and_update_time():
                                                                 (7.0, 7.5, "1U0")]  # fmt: skip
     assert result.makespan == 10.5
     assert result.bubble[1] == pytest.approx(1 - 6.5 / 10.5)
+
+
+def test_zero_bubble_bubble_is_smaller_than_pipedream_flush():
+    """p = 4, m = 8 with equal F, B (input gradient) and W (weight gradient) times: 1F1B-with-flush
+    runs B and W together (2 units) and idles (p-1)(F+B+W) = 9 units per stage; ZB-H1 fills the
+    cool-down with W and idles (p-1)(F+B-W) = 3 (Qi et al. 2024, section 2.1): a third."""
+    p, m = 4, 8
+    zb = simulate(zero_bubble_h1(p, m), forward_time=1.0, backward_time=1.0, weight_time=1.0)
+    flush = simulate(one_f_one_b(p, m), forward_time=1.0, backward_time=1.0, weight_time=1.0)
+    assert flush.makespan == 3 * m + 3 * (p - 1) == 33
+    assert zb.makespan == 3 * m + (p - 1) == 27
+    for s in range(p):
+        assert flush.bubble[s] == pytest.approx(9 / 33)
+        assert zb.bubble[s] == pytest.approx(3 / 27)
+        assert zb.bubble[s] < flush.bubble[s]
+    # the memory of ZB-H1: every stage keeps at most p micro-batches until their W, stage 0's
+    # 1F1B peak; 1F1B itself keeps p-s
+    assert zb.peak_in_flight == {s: p for s in range(p)}
+    assert flush.peak_in_flight == {s: p - s for s in range(p)}
+
+
+def test_simulate_weight_time():
+    """Without W actions a B is the whole backward (backward_time + weight_time); with them, B and W
+    take their own times, and W waits for no other stage."""
+    result = simulate(sched("0: 0F0 0B0 0W0 0U0\n1: 1F0 1B0 1U0"), 1.0, 2.0, weight_time=3.0)
+    assert [(b, e, str(a)) for b, e, a in result.timeline[1]] == [(1.0, 2.0, "1F0"), (2.0, 7.0, "1B0"),
+                                                                (7.0, 7.0, "1U0")]  # fmt: skip
+    assert [(b, e, str(a)) for b, e, a in result.timeline[0]] == [(0.0, 1.0, "0F0"), (7.0, 9.0, "0B0"),
+                                                                (9.0, 12.0, "0W0"), (12.0, 12.0, "0U0")]  # fmt: skip
+    # the default weight_time of 0 keeps every earlier result
+    assert simulate(one_f_one_b(3, 4)).makespan == simulate(zero_bubble_h1(3, 4)).makespan == 12
 
 
 def test_simulate_empty_schedule():

@@ -19,7 +19,8 @@ from tests.helpers.tolerance import loss_atol, training_atol
 
 pytestmark = pytest.mark.slow  # this file takes 40 s or more on 2 cores
 
-SPECS = ["pipedream_flush:sgd", "gpipe:sgd", "pipedream_flush:adamw", "gpipe:adamw"]
+SPECS = ["pipedream_flush:sgd", "gpipe:sgd", "zero_bubble:sgd", "pipedream_flush:adamw", "gpipe:adamw",
+         "zero_bubble:adamw"]
 
 
 @pytest.mark.multiprocess

@@ -1,5 +1,5 @@
-"""Modules written the usual way, pipelined unchanged (issue 14), under gpipe and pipedream_flush
-on 2, 3 and 4 processes (one launch per process count trains every case):
+"""Modules written the usual way, pipelined unchanged (issue 14), under gpipe, pipedream_flush and
+zero_bubble on 2, 3 and 4 processes (one launch per process count trains every case):
 
 - a nanoGPT-style GPT (a ``ModuleList`` of blocks inside a ``ModuleDict``, the LM head tied to the
   token embedding, the loss computed in the model's forward from ``targets``) equals a plain
@@ -25,7 +25,9 @@ from tests.helpers.zoo import GPTModule
 
 pytestmark = pytest.mark.slow  # this file takes 40 s or more on 2 cores
 
-POLICIES = ["gpipe", "pipedream_flush"]
+# zero_bubble: the GPT's LayerNorms and embeddings and the ResNet's convolutions and BatchNorms
+# cannot defer their weight gradients (computed in B), the linear layers compute theirs in W
+POLICIES = ["gpipe", "pipedream_flush", "zero_bubble"]
 
 
 @pytest.fixture(scope="module")

@@ -72,6 +72,27 @@ def test_flush_adds_to_existing_gradients_and_reuses_buffers() -> None:
     torch.testing.assert_close(model[0].weight.grad, _reference_grads(inputs[:1])["0.weight"], rtol=0, atol=ATOL)
 
 
+def test_flush_of_one_microbatch_takes_only_its_backward() -> None:
+    """Zero-bubble W actions: ``flush(j)`` adds the weight gradient of the backward tagged ``j`` and
+    keeps the others; flushing every micro-batch that way equals autograd."""
+    inputs = _micro_batches()
+    model = _stage()
+    deferral = DeferredWeightGrad(model)
+    deferral.active = True
+    for j, x in enumerate(inputs):
+        deferral.microbatch = 10 + j
+        model(x).pow(2).mean().backward()
+    deferral.flush(11)
+    torch.testing.assert_close(model[0].weight.grad, _reference_grads(inputs[1:2])["0.weight"], rtol=0, atol=ATOL)
+    assert {mb for items in deferral._kept.values() for mb, _, _ in items} == {10, 12}
+    deferral.flush(12)
+    deferral.flush(11)  # nothing left of 11: a no-op
+    deferral.flush(10)
+    assert not deferral.pending
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, _reference_grads(inputs)[name], rtol=0, atol=ATOL, msg=name)
+
+
 def test_stashed_weights_defer_into_the_live_layer() -> None:
     """A forward on a stashed version (functional_call with other Parameters): the weight
     gradient ``g^T x`` does not depend on the version and lands on the live weights."""

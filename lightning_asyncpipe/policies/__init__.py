@@ -8,7 +8,7 @@ from lightning_asyncpipe.policies.pipelined_backprop import PipelinedBackpropPol
 from lightning_asyncpipe.policies.pipemare import PipeMarePolicy
 from lightning_asyncpipe.policies.pipeoptim import PipeOptimPolicy
 from lightning_asyncpipe.policies.registry import available_policies, get_policy, policy_class, register_policy
-from lightning_asyncpipe.policies.sync import GPipePolicy, PipeDreamFlushPolicy
+from lightning_asyncpipe.policies.sync import GPipePolicy, PipeDreamFlushPolicy, ZeroBubblePolicy
 
 __all__ = [
     "WeightPolicy",
@@ -19,6 +19,7 @@ __all__ = [
     "available_policies",
     "GPipePolicy",
     "PipeDreamFlushPolicy",
+    "ZeroBubblePolicy",
     "PipeDreamPolicy",
     "PipeDream2BWPolicy",
     "PipeMarePolicy",

@@ -1,5 +1,6 @@
-"""Synchronous baselines: GPipe and 1F1B with a flush (PipeDream-Flush). Both equal ordinary
-training with gradient accumulation over the micro-batches: one weight version, delay 0."""
+"""Synchronous policies: GPipe, 1F1B with a flush (PipeDream-Flush) and zero-bubble ZB-H1. All
+equal ordinary training with gradient accumulation over the micro-batches: one weight version,
+delay 0."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from typing import ClassVar
 
 from lightning_asyncpipe.policies.base import WeightPolicy
 from lightning_asyncpipe.policies.registry import register_policy
-from lightning_asyncpipe.schedule import Action, gpipe, one_f_one_b
+from lightning_asyncpipe.schedule import Action, gpipe, one_f_one_b, zero_bubble_h1
 
-__all__ = ["GPipePolicy", "PipeDreamFlushPolicy"]
+__all__ = ["GPipePolicy", "PipeDreamFlushPolicy", "ZeroBubblePolicy"]
 
 
 class _Synchronous(WeightPolicy):
@@ -46,3 +47,24 @@ class PipeDreamFlushPolicy(_Synchronous):
 
     def step_actions(self, n_stages: int, n_microbatches: int, stage: int, step: int, fill_step: int) -> list[Action]:
         return one_f_one_b(n_stages, n_microbatches, step)[stage]
+
+
+@register_policy
+class ZeroBubblePolicy(_Synchronous):
+    """ZB-H1 (Qi et al., ICLR 2024, "Zero Bubble Pipeline Parallelism", section 2.1): 1F1B within a
+    batch with each backward split into ``B`` (input gradient) and ``W`` (weight gradient), the
+    ``W`` actions moved into 1F1B's cool-down bubble; then a flush.
+
+    Same result as GPipe: ``W(j)`` computes the ``nn.Linear`` weight gradients of micro-batch ``j``
+    from the input and output gradient its ``B`` kept (:mod:`lightning_asyncpipe.wgrad`), and all
+    of a batch's ``W`` run before its update. Other layers' weight gradients (and every layer's
+    with ``defer_weight_grad=False``) are computed in ``B``, as with 1F1B. With equal forward,
+    input-gradient and weight-gradient times the bubble is a third of 1F1B's; every stage holds at
+    most ``p`` micro-batches' activations or kept ``(x, g)`` (stage 0's 1F1B peak).
+    See :func:`lightning_asyncpipe.schedule.zero_bubble_h1` for the table.
+    """
+
+    name: ClassVar[str] = "zero_bubble"
+
+    def step_actions(self, n_stages: int, n_microbatches: int, stage: int, step: int, fill_step: int) -> list[Action]:
+        return zero_bubble_h1(n_stages, n_microbatches, step)[stage]

@@ -13,6 +13,7 @@ from torch import nn
 POLICIES: list[tuple[str, dict[str, Any]]] = [
     ("gpipe", {}),
     ("pipedream_flush", {}),
+    ("zero_bubble", {}),
     ("pipedream", {}),
     ("pipedream", {"vertical_sync": True}),
     ("pipedream_2bw", {}),

@@ -258,8 +258,8 @@ def test_config_errors() -> None:
     message = str(info.value)
     assert "'nope'" in message
     names = available_policies()
-    assert {"gpipe", "pipedream_flush", "pipedream", "pipedream_2bw", "pipemare", "pipelined_backprop", "pipeoptim",
-            "nesterov_async"} <= set(names)
+    assert {"gpipe", "pipedream_flush", "zero_bubble", "pipedream", "pipedream_2bw", "pipemare", "pipelined_backprop",
+            "pipeoptim", "nesterov_async"} <= set(names)
     assert all(name in message for name in names)
 
     with pytest.raises(PipelineConfigError):
@@ -401,3 +401,22 @@ def test_pipeoptim_and_nesterov_async_check_their_optimizer() -> None:
     NesterovAsyncPolicy(momentum=None).bind(0, 2, 2, module, kept)
     assert kept.param_groups[0]["betas"] == (0.9, 0.95)
     assert NesterovAsyncPolicy().forward_version(5) == PipeDream2BWPolicy().forward_version(5)
+
+
+def test_zero_bubble_is_synchronous_and_plans_zb_h1() -> None:
+    """zero_bubble differs from pipedream_flush only in its plan: the same F and B order, W actions
+    added; synchronous (one version, nothing left to drain, a flush every step)."""
+    from lightning_asyncpipe.schedule import one_f_one_b, validate, zero_bubble_h1
+
+    zb, flush = get_policy("zero_bubble"), get_policy("pipedream_flush")
+    assert zb.synchronous and flush.synchronous
+    p, m = 3, 4
+    for step in (0, 1):
+        plan = {s: zb.step_actions(p, m, s, step, 0) for s in range(p)}
+        validate(plan, m)
+        assert plan == zero_bubble_h1(p, m, step)
+        assert {s: [a for a in acts if a.kind is not ActionKind.WEIGHT] for s, acts in plan.items()} == \
+            {s: flush.step_actions(p, m, s, step, 0) for s in range(p)} == one_f_one_b(p, m, step)  # fmt: skip
+        assert all(zb.drain_actions(p, m, s, step, 0) == [] for s in range(p))
+    zb.updates = 5
+    assert zb.forward_version_at(0, 7) == 5  # every stage runs batch k on W(k)
