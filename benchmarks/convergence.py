@@ -214,6 +214,7 @@ def main() -> None:
     p.add_argument("--val-every", type=int, default=0,
                    help="validation loss every N steps and at the end (0: training loss only, the original mode)")  # fmt: skip
     p.add_argument("--val-batches", type=int, default=16, help="validation batches of 32 windows (16: all 512)")
+    p.add_argument("--replot", action="store_true", help="validation mode: table and plot again from <out>/<name>.json")
     a = p.parse_args()
     if a.worker:
         worker(a.worker, a.steps, a.rows, a.lr, a.stages, a.optimizer, a.val_every, a.val_batches)
@@ -229,6 +230,13 @@ def main() -> None:
     if a.image is None:
         a.image = os.path.join(ROOT, "docs", "images", "convergence_gpt.png" if a.name == "convergence" else f"{a.name}.png")
     os.makedirs(a.out, exist_ok=True)
+    if a.replot:
+        with open(os.path.join(a.out, f"{a.name}{'' if a.lr == LR else f'_lr{a.lr:g}'}.json")) as f:
+            saved = json.load(f)
+        for key in ("steps", "stages", "lr", "val_every", "val_batches"):
+            setattr(a, key, saved[key])
+        validation_report(a, saved["runs"])
+        return
     if a.val_every:
         validation_comparison(a, specs)
         return
@@ -304,6 +312,12 @@ def validation_comparison(a: argparse.Namespace, specs: list[str]) -> None:
         val = runs[spec]["val"]
         print(f"{spec:22s} final val loss {val[-1][1]:.4f} at step {val[-1][0]}, {val[-1][2]:.1f} s training "
               f"({time.perf_counter() - started:.0f} s with start-up and validation)", flush=True)  # fmt: skip
+    validation_report(a, runs)
+
+
+def validation_report(a: argparse.Namespace, runs: dict[str, Any]) -> None:
+    """Table, JSON and plot of the validation-mode runs (also from a saved JSON: ``--replot``)."""
+    suffix = "" if a.lr == LR else f"_lr{a.lr:g}"
     ref = runs[SYNC]["val"][-1][1]
     summary = []
     for spec, rec in runs.items():
@@ -362,7 +376,7 @@ def validation_comparison(a: argparse.Namespace, specs: list[str]) -> None:
         ax.set_ylabel("validation loss")
         ax.grid(alpha=0.3)
         lows = [r[1] for rec in runs.values() for r in rec["val"]]
-        ax.set_ylim(min(lows) - 0.05, min(max(lows), min(lows) + 1.5))
+        ax.set_ylim(min(lows) - 0.05, max(lows) + 0.05)
     by_step.legend(fontsize=8)
     fig.suptitle(f"Character GPT, {a.stages} stages, 4 micro-batches, peak LR {a.lr:g}: validation loss "
                  f"(AdamW unless ':nadam')")  # fmt: skip
