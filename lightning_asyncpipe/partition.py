@@ -308,13 +308,14 @@ def _install(local: StageModule, root: nn.Module, names: Sequence[str], stage: i
 
 def _release(root: nn.Module, keep: set[int]) -> None:
     """Move every parameter and buffer of ``root`` not in ``keep`` to ``meta`` (in place: tied
-    parameters stay one object)."""
+    parameters stay one object). Non-persistent buffers (causal masks, rotary frequencies) stay:
+    no state dict carries them back to the whole module after fit or into a checkpoint's net."""
     for m in root.modules():
         for name, p in m._parameters.items():
             if p is not None and id(p) not in keep and not p.is_meta:
                 torch.utils.swap_tensors(p, nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad))
         for name, b in m._buffers.items():
-            if b is not None and id(b) not in keep and not b.is_meta:
+            if b is not None and id(b) not in keep and not b.is_meta and name not in m._non_persistent_buffers_set:
                 m._buffers[name] = torch.empty_like(b, device="meta")
 
 
@@ -329,6 +330,8 @@ def materialize(module: nn.Module, state: Mapping[str, Tensor], prefix: str, dev
     plugin converts the stage's modules, not the meta copies of the others)."""
     for owner, m in module.named_modules():
         for name, t in [*m._parameters.items(), *m._buffers.items()]:
+            if t is not None and name in m._non_persistent_buffers_set and t.device != device:
+                m._buffers[name] = t.to(device)  # kept whole on every stage (see _release)
             if t is None or not t.is_meta:
                 continue
             found = state.get(f"{prefix}{owner}.{name}" if owner else f"{prefix}{name}")

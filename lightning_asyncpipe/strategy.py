@@ -41,7 +41,7 @@ from lightning_asyncpipe.strategy_launch import LaunchGlue
 from lightning_asyncpipe.strategy_state import StateGlue
 from lightning_asyncpipe.metric_sync import sync_states, use_group
 from lightning_asyncpipe.tied import SharedParameters
-from lightning_asyncpipe.signals import StopRequested, StopSignals
+from lightning_asyncpipe.signals import StopRequest, StopRequested, StopSignals
 from lightning_asyncpipe.policies import WeightPolicy, available_policies, get_policy, policy_class
 from lightning_asyncpipe.topology import Topology
 from lightning_asyncpipe.trace import TimelineRecorder
@@ -192,6 +192,8 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         self._skipping = False  # a training step returned None (see world_size)
         self._per_update = microbatches  # micro-batches per update (setup: times an asynchronous accumulation)
         self._window: list[UserStep] = []  # the batches of an asynchronous accumulation window so far
+        self._dropping = False  # dropping the rest of a window whose first batches did not run here
+        self._stop_request: Optional[StopRequest] = None  # a stop signal waiting for a window to end
         self._parent_watch: Optional[ParentWatch] = None
 
     # ------------------------------------------------------------------ topology and launch
@@ -282,14 +284,25 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         assert self._pipeline is not None and self.lightning_module is not None
         started = time.perf_counter()
         self._replay_pending()
+        self._skipping = False
+        dropped = False
+        if not self._policy.synchronous:
+            dropped = self._align_window(int(args[1]) if len(args) > 1 and isinstance(args[1], int) else None)
         step: Union[UserStep, StepWindow] = self._user_step(self.lightning_module.training_step, args, training=True)
         with self.precision_plugin.train_step_context(), self._recording():
-            skipped = step.skipped()
-            if not skipped and self._per_update > self.microbatches:
+            skipped = not dropped and step.skipped()
+            if skipped and self._per_update > self.microbatches:
+                raise PipelineConfigError(
+                    f"training_step returned None (skipping a batch) with policy={self.policy_name!r} and "
+                    f"accumulate_grad_batches={self._per_update // self.microbatches}: an asynchronous policy trains "
+                    "each accumulation window as one update of a fixed number of micro-batches, which a skipped "
+                    "batch would leave short. Skip with accumulate_grad_batches=1, or use a synchronous policy."
+                )
+            if not skipped and not dropped and self._per_update > self.microbatches:
                 # an asynchronous accumulation window: its batches run as one pipeline step
                 self._window.append(step)
                 step = StepWindow(self._window)
-            waiting = not skipped and len(step.microbatches) < self._per_update and not self._policy.synchronous
+            waiting = dropped or (not skipped and len(step.microbatches) < self._per_update and not self._policy.synchronous)
             if not skipped and not waiting:
                 self._pipeline.train_step(step, len(step.microbatches))
                 self._window = []
@@ -313,8 +326,39 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
             self.drain()
             self._replay_pending()  # the epoch's (or fit's) last records, on every stage
         if not skipped and not waiting:
-            self._account_step(args[0], started, drain_due)
+            self._account_step(args[0], started, drain_due, len(step.microbatches) // self.microbatches)
         return output
+
+    def _align_window(self, batch_idx: Optional[int]) -> bool:
+        """Asynchronous policies: the window holds exactly this epoch's batches since the last
+        multiple of accumulate_grad_batches (Lightning's own windows), and K may not change while
+        training (GradientAccumulationScheduler). A run resumed from a checkpoint written inside a
+        window, or an epoch ended early inside one, leaves batches that cannot form a whole
+        window: they are dropped, with a warning (Lightning drops such a partial accumulation too)."""
+        assert self.lightning_module is not None
+        window = self._per_update // self.microbatches
+        now = self.lightning_module.trainer.accumulate_grad_batches
+        if now != window:
+            raise PipelineConfigError(
+                f"accumulate_grad_batches changed from {window} to {now} during training (a "
+                f"GradientAccumulationScheduler?): policy={self.policy_name!r} sized its update to {window} x "
+                f"{self.microbatches} micro-batches at setup. Use a fixed accumulate_grad_batches with an asynchronous "
+                "policy, or a synchronous one."
+            )
+        if batch_idx is None or window == 1:
+            return False
+        if len(self._window) == batch_idx % window:
+            return False
+        if self._window or not self._dropping:
+            warnings.warn(f"AsyncPipeStrategy: batch {batch_idx} is inside an accumulation window of {window} whose "
+                          "earlier batches did not run here (a resume from a checkpoint written inside a window, or an "
+                          "epoch ended early inside one): that window's batches are dropped; training continues with "
+                          "the next whole window.")  # fmt: skip
+        self._window, self._dropping = [], True
+        if batch_idx % window == 0:  # a new window starts here (the old one was left by an earlier epoch)
+            self._dropping = False
+            return False
+        return True
 
     def _waiting_output(self) -> Any:
         """A batch waiting in an asynchronous accumulation window has run nothing yet: the latest

@@ -52,7 +52,7 @@ class HandOffGlue:
 
         return _Recording()
 
-    def _account_step(self, batch: Any, started: float, window_end: bool) -> None:
+    def _account_step(self, batch: Any, started: float, window_end: bool, batches: int = 1) -> None:
         """Feed this step's timings to the timeline and the metrics; log the metrics when due."""
         assert self._executor is not None and self._pipeline is not None and self._policy is not None
         timings = self._executor.pop_timings()
@@ -61,7 +61,8 @@ class HandOffGlue:
         if self._metrics is None:
             return
         previous, self._last_step_start = self._last_step_start, started
-        samples = batch_size(batch) * self.topology.n_replicas if previous is not None else 0
+        # (an asynchronous accumulation window trains `batches` batches in this step)
+        samples = batch_size(batch) * batches * self.topology.n_replicas if previous is not None else 0
         self._metrics.update(timings, self._policy.report(), self._executor.pop_peak_activation_bytes(),
                              samples, samples * _tokens_per_sample(batch), started - previous if previous else 0.0)  # fmt: skip
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None

@@ -92,7 +92,7 @@ class LaunchGlue:
             elif isinstance(limit, float) and limit < 1.0:
                 trained = int(batches * limit)
             window = trainer.accumulate_grad_batches
-        if window > 1 and trained % window:
+        if window > 1 and trained % window and not (trainer is not None and 0 <= trainer.max_steps * window <= trained):
             raise PipelineConfigError(
                 f"{type(self).__name__}(policy={self.policy_name!r}) with accumulate_grad_batches={window}: an epoch "
                 f"trains {trained} batches, not a multiple of {window}. An asynchronous policy trains every {window} "
@@ -227,7 +227,11 @@ class LaunchGlue:
         assert self._stop_signals is not None
         request = self._stop_signals.check()
         if request is not None:
-            self._stop(request)
+            self._stop_request = request
+        # an asynchronous accumulation window's batches have not run yet: stop once it is complete
+        # (the same step on every rank: every rank holds the same window), so the checkpoint resumes
+        if self._stop_request is not None and not getattr(self, "_window", None):
+            self._stop(self._stop_request)
 
     def _stop(self, request: StopRequest) -> None:
         """Every rank, at the same step: drain, write a resumable checkpoint where a checkpoint

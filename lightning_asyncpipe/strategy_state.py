@@ -115,7 +115,10 @@ class StateGlue:
         trainer = self.lightning_module.trainer
         if self._policy is not None and self._policy.synchronous and trainer.accumulate_grad_batches > 1 \
                 and not trainer.fit_loop.epoch_loop._should_accumulate():  # fmt: skip
-            self._apply_update(max(self._pipeline.step - 1, 0))
+            # through the policy, as a U action would: its update count (which the mirrors of
+            # shared parameters follow, one weight message per update) stays the same on every stage
+            assert self._executor is not None
+            self._policy.update(max(self._pipeline.step - 1, 0), self._executor.apply_update)
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
         """Clip by the norm over *all* stages for synchronous policies (exactly what one device does),

@@ -225,3 +225,32 @@ def test_timeout_is_configurable_and_ends_a_stalled_pipeline() -> None:
     assert "StageFailure: The transfer with stage 0 (rank 1) failed" in result.output, result.output[-3000:]
     assert result.elapsed < 60, f"took {result.elapsed:.0f} s: the 15 s timeout did not apply"
     assert not leftover_processes(token)
+
+
+def test_an_asynchronous_window_left_by_an_ended_epoch_is_dropped_with_a_warning() -> None:
+    """``on_train_batch_start`` returning -1 ends an epoch inside a window of 2 (after batch 2): the
+    next epoch starts a whole window and says what it dropped, instead of failing an epoch later."""
+
+    class EndEarly(SeqRegressor):
+        def on_train_batch_start(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            return -1 if self.current_epoch == 0 and batch_idx == 3 else None
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=AsyncPipeStrategy(policy="pipedream_2bw", microbatches=2),
+                        accumulate_grad_batches=2, max_epochs=2, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False)  # fmt: skip
+    with pytest.warns(UserWarning, match="that window's batches are dropped"):
+        trainer.fit(EndEarly(), loader(regression_data(48), 8))
+    assert trainer.current_epoch == 2
+
+
+def test_skipping_inside_an_asynchronous_accumulation_window_is_refused_at_once() -> None:
+    class Skipping(SeqRegressor):
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=AsyncPipeStrategy(policy="pipedream_2bw", microbatches=2),
+                        accumulate_grad_batches=2, max_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False)  # fmt: skip
+    with pytest.raises(PipelineConfigError, match="skipping a batch.*accumulate_grad_batches=2"):
+        trainer.fit(Skipping(), loader(regression_data(48), 8))
+    assert trainer.global_step == 0
