@@ -129,12 +129,17 @@ def test_unknown_policy() -> None:
         AsyncPipeStrategy(policy="pipedraem")
 
 
+def _async_window_trainer(max_epochs: int) -> L.Trainer:
+    """One device, pipedream_2bw with 2 micro-batches, accumulation windows of 2 batches."""
+    return L.Trainer(accelerator="cpu", devices=1, strategy=AsyncPipeStrategy(policy="pipedream_2bw", microbatches=2),
+                     accumulate_grad_batches=2, max_epochs=max_epochs, logger=False, enable_progress_bar=False,
+                     enable_checkpointing=False)  # fmt: skip
+
+
 def test_an_accumulation_window_an_epoch_cannot_fill_is_refused_before_the_first_step() -> None:
     """Asynchronous policies train a window of K batches as one update: 7 batches an epoch in
     windows of 2 fail when the loader is set up (before issue 15: any K > 1 was refused)."""
-    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=AsyncPipeStrategy(policy="pipedream_2bw", microbatches=2),
-                        accumulate_grad_batches=2, max_epochs=1, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False)  # fmt: skip
+    trainer = _async_window_trainer(max_epochs=1)
     with pytest.raises(PipelineConfigError, match="accumulate_grad_batches=2: an epoch trains 7 batches, not a multiple of 2"):
         trainer.fit(SeqRegressor(), loader(regression_data(56), 8))
     assert trainer.global_step == 0
@@ -235,9 +240,7 @@ def test_an_asynchronous_window_left_by_an_ended_epoch_is_dropped_with_a_warning
         def on_train_batch_start(self, batch, batch_idx):  # type: ignore[no-untyped-def]
             return -1 if self.current_epoch == 0 and batch_idx == 3 else None
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=AsyncPipeStrategy(policy="pipedream_2bw", microbatches=2),
-                        accumulate_grad_batches=2, max_epochs=2, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False)  # fmt: skip
+    trainer = _async_window_trainer(max_epochs=2)
     with pytest.warns(UserWarning, match="that window's batches are dropped"):
         trainer.fit(EndEarly(), loader(regression_data(48), 8))
     assert trainer.current_epoch == 2
@@ -248,9 +251,7 @@ def test_skipping_inside_an_asynchronous_accumulation_window_is_refused_at_once(
         def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
             return None if batch_idx == 1 else super().training_step(batch, batch_idx)
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=AsyncPipeStrategy(policy="pipedream_2bw", microbatches=2),
-                        accumulate_grad_batches=2, max_epochs=1, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False)  # fmt: skip
+    trainer = _async_window_trainer(max_epochs=1)
     with pytest.raises(PipelineConfigError, match="skipping a batch.*accumulate_grad_batches=2"):
         trainer.fit(Skipping(), loader(regression_data(48), 8))
     assert trainer.global_step == 0

@@ -186,34 +186,24 @@ def test_async_refill_validates():
     validate(schedule, m)
 
 
-def test_validate_duplicated_action():
-    with pytest.raises(ScheduleError, match=r"Action 0F1 appears twice on stage 0: 0F0 0F1 0F1"):
-        validate(sched("0: 0F0 0F1 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0 1B1 1U0"), 2)
-
-
-def test_validate_backward_before_forward():
-    with pytest.raises(ScheduleError, match=r"Backward 1B1 comes before its forward on stage 1"):
-        validate(sched("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1B0 1B1 1F1 1U0"), 2)
-
-
-def test_validate_missing_backward():
-    with pytest.raises(ScheduleError, match=r"Stage 1 runs forwards without backwards: \[1\]"):
-        validate(sched("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0"), 2)
-
-
-def test_validate_update_before_all_backwards():
-    with pytest.raises(ScheduleError, match=r"Update 0U0 comes after 1 of the 2 backwards of batch 0 on stage 0"):
-        validate(sched("0: 0F0 0F1 0B0 0U0 0B1\n1: 1F0 1F1 1B0 1B1 1U0"), 2)
-
-
-def test_validate_weight_gradient_before_its_backward():
-    with pytest.raises(ScheduleError, match=r"Weight gradient 0W1 comes before the backward 0B1 on stage 0"):
-        validate(sched("0: 0F0 0F1 0B0 0W0 0W1 0B1 0U0\n1: 1F0 1F1 1B0 1B1 1U0"), 2)
-
-
-def test_validate_update_before_all_weight_gradients():
-    with pytest.raises(ScheduleError, match=r"Update 1U0 comes after 1 of the 2 weight gradients of batch 0"):
-        validate(sched("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0 1W0 1B1 1U0 1W1"), 2)
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("0: 0F0 0F1 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0 1B1 1U0", r"Action 0F1 appears twice on stage 0: 0F0 0F1 0F1"),
+        ("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1B0 1B1 1F1 1U0", r"Backward 1B1 comes before its forward on stage 1"),
+        ("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0", r"Stage 1 runs forwards without backwards: \[1\]"),
+        ("0: 0F0 0F1 0B0 0U0 0B1\n1: 1F0 1F1 1B0 1B1 1U0", r"Update 0U0 comes after 1 of the 2 backwards of batch 0 on stage 0"),
+        ("0: 0F0 0F1 0B0 0W0 0W1 0B1 0U0\n1: 1F0 1F1 1B0 1B1 1U0",
+         r"Weight gradient 0W1 comes before the backward 0B1 on stage 0"),
+        ("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0 1W0 1B1 1U0 1W1",
+         r"Update 1U0 comes after 1 of the 2 weight gradients of batch 0"),
+    ],
+    ids=["duplicated", "backward-before-forward", "missing-backward", "update-before-backwards",
+         "weight-gradient-before-backward", "update-before-weight-gradients"],
+)
+def test_validate_rejects_a_misplaced_action(text: str, message: str) -> None:
+    with pytest.raises(ScheduleError, match=message):
+        validate(sched(text), 2)
 
 
 def test_validate_missing_weight_gradient():
