@@ -278,6 +278,37 @@ def test_restore_module_with_given_weights():
     torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
 
 
+class _Rotary(nn.Module):
+    """Scales by a non-persistent buffer, as rotary frequencies and causal masks are registered."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("freq", torch.arange(1.0, width + 1.0), persistent=False)
+
+    def forward(self, x):
+        return x * self.freq
+
+
+def test_restore_module_keeps_other_stages_non_persistent_buffers_and_trained_dtype():
+    """No state dict carries non-persistent buffers: the other stages' must survive partitioning
+    (they came back as zeros), and the other stages' layers come back in the dtype of the state
+    (float64 under precision="64-true"; they came back float32)."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.net = nn.Sequential(nn.Linear(4, 4), _Rotary(4), nn.Linear(4, 4), nn.Tanh())
+    model.forward = lambda x: model.net(x)  # type: ignore[method-assign]
+    reference = copy.deepcopy(model).double()
+    full_state = {k: v.clone() for k, v in reference.state_dict().items()}
+    assert "net.1.freq" not in full_state
+    part = partition_module(model, 2, 1, balance=[2, 2])  # the rotary layer is on stage 0
+    part.local.double()  # what the precision plugin does to the stage's own layers
+    restore_module(model, part, full_state)
+    assert torch.equal(model.net[1].freq, torch.arange(1.0, 5.0))
+    assert model.net[0].weight.dtype == torch.float64
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(model.net(x), reference.net(x), rtol=0, atol=0)
+
+
 def test_stage_module_refuses_direct_call():
     model = Holder(6)
     partition_module(model, 3, 1)
