@@ -46,7 +46,6 @@ from lightning_asyncpipe.policies import WeightPolicy, available_policies, get_p
 from lightning_asyncpipe.topology import Topology
 from lightning_asyncpipe.trace import TimelineRecorder
 from lightning_asyncpipe.watchdog import ParentWatch
-from lightning_asyncpipe.strategy_handoff import _to_device
 from lightning_asyncpipe.user_step import LogRecorder, StepWindow, UserStep
 
 __all__ = ["AsyncPipeStrategy"]
@@ -190,7 +189,7 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         self._failed = False
         self._data_seed: Optional[int] = None
         self._skipping = False  # a training step returned None (see world_size)
-        self._per_update = microbatches  # micro-batches per update (setup: times an asynchronous accumulation)
+        self._window_batches = 1  # batches per update: accumulate_grad_batches under asynchronous policies
         self._window: list[UserStep] = []  # the batches of an asynchronous accumulation window so far
         self._dropping = False  # dropping the rest of a window whose first batches did not run here
         self._stop_request: Optional[StopRequest] = None  # a stop signal waiting for a window to end
@@ -234,12 +233,12 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         stage, replica = self.stage, self.replica
         # micro-batches per update: an asynchronous policy trains an accumulation window of K batches
         # as one batch of K x microbatches (synchronous ones accumulate as Lightning does)
-        window = trainer.accumulate_grad_batches if not self._policy.synchronous else 1
-        self._per_update = self.microbatches * window
+        self._window_batches = trainer.accumulate_grad_batches if not self._policy.synchronous else 1
         self._window = []
-        self._policy.bind(stage, topo.n_stages, self._per_update, self._partition.local,
+        per_update = self.microbatches * self._window_batches
+        self._policy.bind(stage, topo.n_stages, per_update, self._partition.local,
                           self.optimizers[0] if self.optimizers else None)  # fmt: skip
-        self._shared.bind(self._policy, self._per_update)
+        self._shared.bind(self._policy, per_update)
         transport = TorchP2PTransport(
             prev_rank=topo.rank_of(stage - 1, replica) if stage > 0 else None,
             next_rank=topo.rank_of(stage + 1, replica) if stage < topo.n_stages - 1 else None,
@@ -255,7 +254,7 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         self._executor.check_finite = self.detect_anomaly
         if self._shared:
             self._executor.select_shared = self._shared.select
-        self._pipeline = StagePipeline(self._executor, self._per_update, self.optimizers[0] if self.optimizers else None)
+        self._pipeline = StagePipeline(self._executor, per_update, self.optimizers[0] if self.optimizers else None)
         if trainer.state.fn == TrainerFn.FITTING:
             # checkpoints hold this one's state, also when saved after fit and a later validate/test
             self._fit_pipeline = self._pipeline
@@ -291,18 +290,18 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         step: Union[UserStep, StepWindow] = self._user_step(self.lightning_module.training_step, args, training=True)
         with self.precision_plugin.train_step_context(), self._recording():
             skipped = not dropped and step.skipped()
-            if skipped and self._per_update > self.microbatches:
+            if skipped and self._window_batches > 1:
                 raise PipelineConfigError(
                     f"training_step returned None (skipping a batch) with policy={self.policy_name!r} and "
-                    f"accumulate_grad_batches={self._per_update // self.microbatches}: an asynchronous policy trains "
+                    f"accumulate_grad_batches={self._window_batches}: an asynchronous policy trains "
                     "each accumulation window as one update of a fixed number of micro-batches, which a skipped "
                     "batch would leave short. Skip with accumulate_grad_batches=1, or use a synchronous policy."
                 )
-            if not skipped and not dropped and self._per_update > self.microbatches:
+            if not skipped and not dropped and self._window_batches > 1:
                 # an asynchronous accumulation window: its batches run as one pipeline step
                 self._window.append(step)
                 step = StepWindow(self._window)
-            waiting = dropped or (not skipped and len(step.microbatches) < self._per_update and not self._policy.synchronous)
+            waiting = dropped or (not skipped and isinstance(step, StepWindow) and len(step.steps) < self._window_batches)
             if not skipped and not waiting:
                 self._pipeline.train_step(step, len(step.microbatches))
                 self._window = []
@@ -311,14 +310,14 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
             self._skip_step()
             output = None
         elif waiting:
-            output = self._waiting_output()
+            output = self._latest_output()  # a window's batch waiting for its last one: nothing ran yet
         else:
             output = self._hand_off(step.merged_outputs(), self._recorder.pop(), training=True)
         drain_due = self._drain_due()
         if drain_due and self._window:
             raise PipelineConfigError(
                 f"The epoch ended inside an accumulation window ({len(self._window)} of "
-                f"{self._per_update // self.microbatches} batches): with policy={self.policy_name!r} those batches "
+                f"{self._window_batches} batches): with policy={self.policy_name!r} those batches "
                 "would form an update of fewer micro-batches than the others. Skipped batches (training_step returning "
                 "None) and accumulate_grad_batches do not mix under an asynchronous policy; use a synchronous one."
             )
@@ -336,7 +335,7 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         window, or an epoch ended early inside one, leaves batches that cannot form a whole
         window: they are dropped, with a warning (Lightning drops such a partial accumulation too)."""
         assert self.lightning_module is not None
-        window = self._per_update // self.microbatches
+        window = self._window_batches
         now = self.lightning_module.trainer.accumulate_grad_batches
         if now != window:
             raise PipelineConfigError(
@@ -360,12 +359,6 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
             return False
         return True
 
-    def _waiting_output(self) -> Any:
-        """A batch waiting in an asynchronous accumulation window has run nothing yet: the latest
-        step output (a NaN loss before the first)."""
-        if self._last_output is None:
-            return {"loss": torch.tensor(float("nan"), device=self.root_device)}
-        return _to_device(self._last_output, self.root_device)
 
     def _drain_due(self) -> bool:
         """Whether this step ends an epoch or the fit: the pipeline must be empty afterwards."""

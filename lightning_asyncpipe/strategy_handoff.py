@@ -97,7 +97,11 @@ class HandOffGlue:
         self._replay_payloads(payloads, records)
         if self._handoff.is_source:
             return output
-        if training and self._last_output is None:
+        return self._latest_output() if training else _to_device(self._last_output, self.root_device)
+
+    def _latest_output(self) -> Any:
+        """The newest training step output this rank has (a NaN loss before the first arrives)."""
+        if self._last_output is None:
             return {"loss": torch.tensor(float("nan"), device=self.root_device)}
         return _to_device(self._last_output, self.root_device)
 
