@@ -4,7 +4,8 @@ metrics, LearningRateMonitor) and a CSV logger; every rank writes what it saw to
 OUT_DIR/<policy>-rank<r>.json and rank 0 the final weights to OUT_DIR/<policy>.pt.
 
 Usage: python fit_template.py OUT_DIR DEVICES POLICY [POLICY ...]
-(POLICY "plain", after pipedream_flush: the one-device reference of fit's docstring)
+(POLICY "plain", after pipedream_flush: the one-device reference of fit's docstring, in the
+launching process only)
 """
 
 import functools
@@ -53,6 +54,15 @@ def fit(out: str, devices: int, policy: str) -> None:
     = MICROBATCHES (ordinary training over the same micro-batches: GPipe's definition, which
     BatchNorm makes differ from whole batches), in the order of pipedream_flush's run."""
     plain = policy == "plain"
+    if plain and torch.distributed.is_initialized():
+        # Every process of the pipelined fits runs this script on: one device means one process,
+        # outside their world (two would race on the same checkpoint files, and torchmetrics would
+        # gather over the old world).
+        rank = torch.distributed.get_rank()
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return
     L.seed_everything(7)
     net = SimpleDenseNet(input_size=784, lin1_size=32, lin2_size=32, lin3_size=32, output_size=10)
     # The template's Adam, but SGD with momentum for the pair compared with one device: the bias of a
