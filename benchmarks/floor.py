@@ -63,7 +63,8 @@ class StageKernels:
     into batch-sized buffers, and :meth:`update` forms every ``dW`` with one GEMM over the batch.
     """
 
-    def __init__(self, first: int, last: int, microbatches: int, seed: int = 0) -> None:
+    def __init__(self, first: int, last: int, microbatches: int, seed: int = 0,
+                 device: Optional[torch.device] = None) -> None:  # fmt: skip
         g = torch.Generator().manual_seed(seed)
         self.first, self.last, self.m = first, last, microbatches
         self.rows = BATCH // microbatches
@@ -78,6 +79,13 @@ class StageKernels:
         self.input = torch.randn(BATCH, WIDTH, generator=g)  # stage 0: data; later stages: "received"
         self.target = torch.randn(BATCH, WIDTH, generator=g)
         self.incoming = torch.randn(BATCH, WIDTH, generator=g)  # the gradient a non-last stage "receives"
+        if device is not None:  # drawn on the CPU (the same numbers anywhere), then moved
+            for name, value in list(vars(self).items()):
+                if isinstance(value, torch.Tensor):
+                    setattr(self, name, value.to(device))
+                elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+                    setattr(self, name, [t.to(device) for t in value])
+            self.params = self.w + self.b
 
     def _rows(self, j: int) -> slice:
         return slice(j * self.rows, (j + 1) * self.rows)
