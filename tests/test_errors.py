@@ -246,6 +246,20 @@ def test_an_asynchronous_window_left_by_an_ended_epoch_is_dropped_with_a_warning
     assert trainer.current_epoch == 2
 
 
+def test_an_accumulation_schedule_is_refused_under_an_asynchronous_policy_before_any_update() -> None:
+    """Lightning's GradientAccumulationScheduler changes accumulate_grad_batches at epoch starts; an
+    asynchronous policy sized its update (K x microbatches micro-batches) at setup, so a changed K
+    is refused at the first batch that sees it, before any update."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=AsyncPipeStrategy(policy="pipedream_2bw", microbatches=2),
+                        callbacks=[GradientAccumulationScheduler({0: 2})], max_epochs=1, logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False)  # fmt: skip
+    with pytest.raises(PipelineConfigError, match="accumulate_grad_batches changed from 1 to 2 during training"):
+        trainer.fit(SeqRegressor(), loader(regression_data(48), 8))
+    assert trainer.global_step == 0
+
+
 def test_skipping_inside_an_asynchronous_accumulation_window_is_refused_at_once() -> None:
     class Skipping(SeqRegressor):
         def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]

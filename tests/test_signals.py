@@ -16,18 +16,20 @@ from tests.helpers.launch import leftover_processes, run_script, signal_rank, st
 
 pytestmark = pytest.mark.slow  # this file takes 40 s or more on 2 cores
 
-# case -> (signal, global rank of the target: 0 is the main process, holding stage 1). Each signal
-# and each kind of target once (the handler does not depend on the pair; the full 2 x 2 passed
-# and was cut to keep the suite short).
+# case -> (signal, global rank of the target: 0 is the main process, holding stage 1,
+# accumulate_grad_batches). Each signal and each kind of target once (the handler does not depend
+# on the pair; the full 2 x 2 passed and was cut to keep the suite short). The second case trains
+# asynchronous windows of 2 batches: a signal that lands inside one stops at the window's end (its
+# first batch has not run yet), so that the checkpoint resumes exactly.
 CASES = {
-    "SIGTERM-stage0-child": (signal.SIGTERM, 1),
-    "SIGINT-stage1-main": (signal.SIGINT, 0),
+    "SIGTERM-stage0-child": (signal.SIGTERM, 1, 1),
+    "SIGINT-stage1-main-window2": (signal.SIGINT, 0, 2),
 }
 
 
-def _signalled_run(out: Path, signum: int, target: int) -> tuple[int, str, float, dict]:
+def _signalled_run(out: Path, signum: int, target: int, accumulate: int) -> tuple[int, str, float, dict]:
     token = uuid.uuid4().hex
-    proc = start_script("fit_signal.py", "train", out, token)
+    proc = start_script("fit_signal.py", "train", out, token, accumulate)
     output, elapsed, victim = signal_rank(proc, out, 2, target, signum)
     assert not leftover_processes(token)
     return proc.returncode, output, elapsed, victim
@@ -37,9 +39,9 @@ def _signalled_run(out: Path, signum: int, target: int) -> tuple[int, str, float
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, int, str, float, dict]]:
     root = tmp_path_factory.mktemp("signals")
     results = {}
-    for case, (signum, target) in CASES.items():
+    for case, (signum, target, accumulate) in CASES.items():
         (root / case).mkdir()
-        results[case] = (root / case, *_signalled_run(root / case, signum, target))
+        results[case] = (root / case, *_signalled_run(root / case, signum, target, accumulate))
     resumable = [case for case in CASES if (root / case / "ckpt" / "interrupted.ckpt").exists()]
     resumed = run_script("fit_signal.py", "resume", root, *resumable, timeout=240)
     assert resumed.returncode == 0, resumed.output[-5000:]
@@ -49,7 +51,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, int,
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("case", list(CASES))
 def test_signal_stops_every_stage_named_and_non_zero(runs, case: str) -> None:
-    signum, target = CASES[case]
+    signum, target, _ = CASES[case]
     folder, code, output, elapsed, victim = runs[case]
     print(f"{case}: every process ended {elapsed:.1f} s after the signal, status {code}")
     assert elapsed < 60, f"took {elapsed:.0f} s"

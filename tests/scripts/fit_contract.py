@@ -12,7 +12,10 @@ Usage: python fit_contract.py OUT_DIR CASE
                   pipedream_2bw, and pipedream_2bw with step_outputs="own" on 2 stages
   skip:           training_step returns None for batches 2 and 5 of each epoch: a plain Trainer and
                   pipedream_flush, the same with accumulate_grad_batches=2 (gpipe), pipedream_2bw and
-                  pipedream_2bw on the loader without those batches; saves OUT_DIR/<name>.pt
+                  pipedream_2bw on the loader without those batches; and the nanoGPT with its tied head,
+                  plain and gpipe, accumulate_grad_batches=2 (the skipped batch 5 ends a window: the
+                  update goes through the policy, which keeps the head's mirror in step); saves
+                  OUT_DIR/<name>.pt
   accumulate_async: pipedream_2bw with accumulate_grad_batches=2 on batches of 8 (2 micro-batches) and
                   without on batches of 16 (4 micro-batches); saves OUT_DIR/window.pt, merged.pt
   two_optimizers: a module whose configure_optimizers returns two optimizers over the first and
@@ -29,6 +32,7 @@ import torch  # noqa: E402
 
 from lightning_asyncpipe import AsyncPipeStrategy  # noqa: E402
 from tests.helpers.models import SeqRegressor, loader, regression_data  # noqa: E402
+from tests.helpers.zoo import GPTModule, token_loader  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -59,6 +63,13 @@ class Skipping(SeqRegressor):
         return super().training_step(batch, batch_idx)
 
 
+class SkippingGPT(GPTModule):
+    """nanoGPT (tied head) skipping batches 2 and 5 of each epoch like :class:`Skipping`."""
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        return None if batch_idx in (2, 5) else super().training_step(batch, batch_idx)
+
+
 class TwoOptimizers(SeqRegressor):
     """A GAN-like split: one optimizer for the first layer, one for the last."""
 
@@ -70,6 +81,20 @@ def fit(model: L.LightningModule, devices: int, strategy: object) -> None:
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=2, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
     trainer.fit(model, loader(regression_data(48), 8))
+
+
+def fit_skipping_gpt(out: str, name: str, policy: str | None) -> None:
+    """:class:`SkippingGPT` for 2 epochs with accumulate_grad_batches=2: one device, or 2 stages."""
+    L.seed_everything(0)
+    model = SkippingGPT()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1 if policy is None else 2, max_epochs=2, logger=False,
+        strategy="auto" if policy is None else AsyncPipeStrategy(policy=policy, microbatches=2),
+        accumulate_grad_batches=2, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(model, token_loader())
+    if trainer.global_rank == 0:
+        torch.save({"state": model.state_dict(), "steps": trainer.global_step}, os.path.join(out, f"{name}.pt"))
 
 
 def main() -> None:
@@ -132,6 +157,7 @@ def main() -> None:
         data = regression_data(48)
         kept = torch.utils.data.Subset(data, [i for i in range(48) if i // 8 not in (2, 5)])
         # the one-device runs first: after a launch every process would run them (racing on one file)
+        fit_skipping_gpt(out, "gpt_plain_acc", None)
         for name, policy, accumulate in (("plain", None, 1), ("plain_acc", None, 2),
                                          ("pipedream_flush", "pipedream_flush", 1), ("gpipe_acc", "gpipe", 2),
                                          ("pipedream_2bw", "pipedream_2bw", 1), ("pipedream_2bw_kept", "pipedream_2bw", 1)):  # fmt: skip
@@ -148,6 +174,7 @@ def main() -> None:
             trainer.fit(model, loader(kept if name.endswith("kept") else data, 8))
             if trainer.global_rank == 0:
                 torch.save({"state": model.state_dict(), "steps": trainer.global_step}, os.path.join(out, f"{name}.pt"))
+        fit_skipping_gpt(out, "gpt_gpipe_acc", "gpipe")
     elif case == "accumulate_async":  # 2BW: windows of 2 batches of 8 (2 micro-batches) vs batches of 16 (4)
         for name, batch, microbatches, accumulate in (("window", 8, 2, 2), ("merged", 16, 4, 1)):
             L.seed_everything(0)
