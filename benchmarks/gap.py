@@ -46,8 +46,8 @@ import torch.distributed as dist  # noqa: E402
 
 from floor import StageKernels, _stage_bounds  # noqa: E402
 from throughput import (  # noqa: E402
-    BATCH, LAYERS, MICROBATCHES, WIDTH, RecordingTransport, ReplayTransport, build_model, free_port, loss_fn,
-    make_batches, make_optimizer, pin_to_core,
+    BATCH, LAYERS, MICROBATCHES, WIDTH, build_model, free_port, loss_fn, make_batches, make_optimizer, pin_to_core,
+    replay_transfers,
 )
 
 STAGES = 2
@@ -73,6 +73,8 @@ def _category(name: str) -> str:
 
 
 def _timed_steps(step: Any, steps: int, finish: Any = None) -> float:
+    """Seconds per step on this stage alone (throughput.py's ``_timed`` includes the wait for the
+    slowest rank at the closing barrier)."""
     dist.barrier()
     t0 = time.perf_counter()
     for i in range(steps):
@@ -113,13 +115,7 @@ def _worker(rank: int, port: int, policy: str, warmup: int, steps: int, rounds: 
 
         # 2. the ceiling: the engine without transfers, then the same under the profiler
         engine = _engine(policy, groups)
-        recording = RecordingTransport(engine.executor.transport)
-        engine.executor.transport = recording
-        for i in range(warmup):
-            engine.train_step(*batches[i])
-        engine.drain()
-        dist.barrier()
-        engine.executor.transport = ReplayTransport(recording)
+        replay_transfers(engine, batches[:warmup])
         out["ceiling"].append(_timed_steps(lambda i: engine.train_step(*batches[warmup + i]), steps, engine.drain))
         from torch.profiler import ProfilerActivity, profile
 

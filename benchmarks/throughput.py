@@ -328,15 +328,22 @@ def run_ceiling(rank: int, n_stages: int, cfg: dict[str, Any], policy: str) -> d
     for _ in range(cfg["repeats"]):
         engine = PipelineEngine(build_model(), n_stages, policy, MICROBATCHES, make_optimizer, loss_fn,
                                 groups=groups)  # fmt: skip
-        recording = RecordingTransport(engine.executor.transport)
-        engine.executor.transport = recording
-        for i in range(cfg["warmup"]):
-            engine.train_step(*batches[i])
-        engine.drain()
-        _barrier()
-        engine.executor.transport = ReplayTransport(recording)
+        replay_transfers(engine, batches[: cfg["warmup"]])
         times.append(_timed(engine.train_step, batches, cfg["warmup"], cfg["steps"], finish=engine.drain))
     return {"times": times, "stage": engine.stage}
+
+
+def replay_transfers(engine: Any, warmup_batches: list) -> None:
+    """Warm ``engine`` up on ``warmup_batches`` with real transfers, recording one message of each
+    kind, drain, and replace its transport by one that hands out copies of them at once (every
+    rank calls it together: it ends with a barrier)."""
+    recording = RecordingTransport(engine.executor.transport)
+    engine.executor.transport = recording
+    for x, y in warmup_batches:
+        engine.train_step(x, y)
+    engine.drain()
+    _barrier()
+    engine.executor.transport = ReplayTransport(recording)
 
 
 def spawn_worker(rank: int, kind: str, arg: str, world: int, port: int, cfg: dict[str, Any], prefix: str) -> None:
