@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -38,10 +39,21 @@ from throughput import BATCH, MICROBATCHES, build_model, loss_fn, make_batches, 
 WARMUP = 5
 
 
-def _summary(stage: int, step_s: list[float], busy_s: list[float], kinds: dict[str, float], n: int) -> dict[str, Any]:
+USAGE = ("minor_faults_per_step", "vol_switches_per_step", "invol_switches_per_step")
+
+
+def _usage() -> tuple[int, int, int]:
+    """Minor page faults and voluntary / involuntary context switches of this process so far."""
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_minflt, u.ru_nvcsw, u.ru_nivcsw
+
+
+def _summary(stage: int, step_s: list[float], busy_s: list[float], kinds: dict[str, float], n: int,
+             usage: tuple[int, ...] = (0, 0, 0), usage_steps: int = 0) -> dict[str, Any]:  # fmt: skip
     step, busy = statistics.median(step_s), statistics.median(busy_s)
     return {"stage": stage, "step_ms": 1e3 * step, "actions_ms": 1e3 * busy, "outside_ms": 1e3 * (step - busy),
-            "per_kind_ms": {k: round(1e3 * v / n, 2) for k, v in kinds.items()}}  # fmt: skip
+            "per_kind_ms": {k: round(1e3 * v / n, 2) for k, v in kinds.items()},
+            **{key: u / (usage_steps or n) for key, u in zip(USAGE, usage)}}  # fmt: skip
 
 
 def engine_worker(rank: int, world: int, port: int, policy: str, steps: int, out: str) -> None:
@@ -55,6 +67,8 @@ def engine_worker(rank: int, world: int, port: int, policy: str, steps: int, out
                             groups=PipelineGroups(Topology(world, world), rank))  # fmt: skip
     step_s, busy_s, kinds = [], [], {}
     for i, (x, y) in enumerate(make_batches(WARMUP + steps)):
+        if i == WARMUP:
+            before = _usage()
         start = time.perf_counter()
         engine.train_step(x, y)
         if i >= WARMUP:
@@ -62,9 +76,10 @@ def engine_worker(rank: int, world: int, port: int, policy: str, steps: int, out
             busy_s.append(sum(t.end - t.start for t in engine.last_timings))
             for t in engine.last_timings:
                 kinds[t.action.kind.name] = kinds.get(t.action.kind.name, 0.0) + t.end - t.start
+    usage = tuple(a - b for a, b in zip(_usage(), before))
     engine.drain()
     with open(f"{out}.engine.rank{rank}.json", "w") as f:
-        json.dump(_summary(engine.stage, step_s, busy_s, kinds, steps), f)
+        json.dump(_summary(engine.stage, step_s, busy_s, kinds, steps, usage), f)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -107,9 +122,12 @@ def lightning_worker(policy: str, steps: int, out: str) -> None:
             s.timeline = TimelineRecorder(s.stage, first_step=WARMUP, n_steps=steps - 1)
 
         def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+            if len(self.starts) == WARMUP:
+                self.usage = _usage()
             self.starts.append(time.perf_counter())
 
         def on_train_end(self, trainer: Any, module: Any) -> None:
+            usage = tuple(a - b for a, b in zip(_usage(), self.usage))
             s = trainer.strategy
             busy: dict[int, float] = {}
             kinds: dict[str, float] = {}
@@ -118,7 +136,7 @@ def lightning_worker(policy: str, steps: int, out: str) -> None:
                 kinds[e.kind] = kinds.get(e.kind, 0.0) + e.end - e.start
             step_s = [self.starts[k + 1] - self.starts[k] for k in sorted(busy)]
             with open(f"{out}.lightning.rank{trainer.global_rank}.json", "w") as f:
-                json.dump(_summary(s.stage, step_s, [busy[k] for k in sorted(busy)], kinds, len(busy)), f)
+                json.dump(_summary(s.stage, step_s, [busy[k] for k in sorted(busy)], kinds, len(busy), usage, steps), f)
 
     trainer = L.Trainer(
         accelerator="cpu", devices=2, max_steps=WARMUP + steps, logger=False, enable_progress_bar=False,
@@ -136,7 +154,7 @@ def _median_summary(parts: list[dict[str, Any]]) -> dict[str, Any]:
         for k, v in part["per_kind_ms"].items():
             kinds.setdefault(names.get(k, k), []).append(v)
     return {"stage": parts[0]["stage"], **{k: statistics.median(p[k] for p in parts) for k in
-            ("step_ms", "actions_ms", "outside_ms")}, "per_kind_ms": {k: statistics.median(v) for k, v in kinds.items()}}
+            ("step_ms", "actions_ms", "outside_ms", *USAGE)}, "per_kind_ms": {k: statistics.median(v) for k, v in kinds.items()}}
 
 
 def _collect(prefix: str) -> list[dict[str, Any]]:

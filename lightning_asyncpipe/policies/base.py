@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_asyncpipe.errors import PipelineConfigError
+from lightning_asyncpipe.policies.slots import ParameterSlots
 from lightning_asyncpipe.schedule import Action, async_1f1b_drain, async_1f1b_step
 
 __all__ = ["WeightPolicy", "PolicyReport", "StepFn", "ApplyUpdate"]
@@ -81,6 +82,7 @@ class WeightPolicy(ABC):
         self.optimizer: Optional[Optimizer] = None
         self._forward_version: dict[int, int] = {}
         self._batch_oldest: dict[int, int] = {}
+        self._slots: Optional[ParameterSlots] = None
 
     # ------------------------------------------------------------------ configuration
 
@@ -98,6 +100,15 @@ class WeightPolicy(ABC):
             self.validate_optimizer(optimizer)
         self.stage, self.n_stages, self.n_microbatches = stage, n_stages, n_microbatches
         self.module, self.optimizer = module, optimizer
+        self._slots = None
+
+    def slots(self) -> ParameterSlots:
+        """Where the stage's parameters sit, found at the first pass after :meth:`bind` (when the
+        stage is fully built: parameters other stages own are no longer among them)."""
+        if self._slots is None:
+            assert self.module is not None
+            self._slots = ParameterSlots(self.module)
+        return self._slots
 
     @property
     def warmup(self) -> int:

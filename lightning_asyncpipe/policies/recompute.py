@@ -21,7 +21,6 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from lightning_asyncpipe.policies.base import WeightPolicy
 from lightning_asyncpipe.wgrad import grad_into_live
@@ -86,7 +85,7 @@ class RecomputingPolicy(WeightPolicy):
         return None
 
     def _run(self, module: nn.Module, inputs: tuple[Tensor, ...], weights: Optional[dict[str, Tensor]]) -> Any:
-        return module(*inputs) if weights is None else functional_call(module, weights, inputs)
+        return module(*inputs) if weights is None else self.slots().run(module, weights, inputs)
 
     def forward(self, module: nn.Module, inputs: tuple[Tensor, ...], microbatch: int, training: bool) -> Any:
         if not training:

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from lightning_asyncpipe.errors import PipelineConfigError
 from lightning_asyncpipe.policies.base import ApplyUpdate, WeightPolicy
@@ -28,7 +27,8 @@ class StashingPolicy(WeightPolicy):
     """Base of the policies whose forward and backward of a micro-batch use the same version.
 
     Subclasses define :meth:`forward_version`; the base keeps the versions alive, runs forwards
-    on old versions through ``torch.func.functional_call``, folds gradients of old versions into
+    on old versions (their tensors put in the parameters' places, :meth:`WeightPolicy.slots`), folds
+    gradients of old versions into
     the live parameters and decides at each update whether the live version must be stashed.
     """
 
@@ -54,7 +54,7 @@ class StashingPolicy(WeightPolicy):
             return module(*inputs)
         if version not in self._stash:
             raise RuntimeError(f"stage {self.stage}: weight version {version} of micro-batch {microbatch} was not kept")
-        return functional_call(module, dict(zip(self._names(), self._stash[version])), inputs)
+        return self.slots().run(module, self._stash[version], inputs)
 
     def after_backward(self, microbatch: int) -> None:
         version = self._forward_version.get(microbatch)
@@ -62,8 +62,7 @@ class StashingPolicy(WeightPolicy):
         old = self._stash.get(version) if version is not None else None
         if old is None:
             return
-        assert self.module is not None
-        for stashed, live in zip(old, self.module.parameters()):
+        for stashed, live in zip(old, self.slots().live()):
             if stashed.grad is not None:
                 live.grad = stashed.grad if live.grad is None else live.grad.add_(stashed.grad)
                 stashed.grad = None
