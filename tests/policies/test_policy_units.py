@@ -420,3 +420,47 @@ def test_zero_bubble_is_synchronous_and_plans_zb_h1() -> None:
         assert all(zb.drain_actions(p, m, s, step, 0) == [] for s in range(p))
     zb.updates = 5
     assert zb.forward_version_at(0, 7) == 5  # every stage runs batch k on W(k)
+
+
+def test_parameter_slots_run_a_stage_on_other_weights_as_functional_call_does() -> None:
+    """ParameterSlots (how policies run old or corrected weights) against torch.func.functional_call:
+    the same outputs and gradients, a tie inside the stage fed one tensor, the live parameters back
+    afterwards, also when the forward raises."""
+    from lightning_asyncpipe.policies.slots import ParameterSlots
+
+    torch.manual_seed(0)
+    enc, dec = nn.Linear(4, 3), nn.Linear(3, 4)
+    model = nn.Sequential(enc, nn.Tanh(), dec, nn.Tanh(), nn.Linear(4, 4))
+    tied = nn.Sequential(model, nn.Linear(4, 3))
+    tied[1].weight = enc.weight  # one parameter in two places
+    slots = ParameterSlots(tied)
+    live = list(tied.parameters())
+    assert len(slots.places) == len(live) and sorted(len(p) for p in slots.places)[-1] == 2
+    other = [nn.Parameter(p.detach() + 0.1 * torch.randn_like(p)) for p in live]
+    x = torch.randn(5, 4, dtype=torch.float32)
+
+    got = slots.run(tied, other, (x,))
+    want = functional_call(tied, dict(zip(slots.names, [o.detach().clone().requires_grad_() for o in other])), (x,))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got.square().sum().backward()
+    ref = [o.detach().clone().requires_grad_() for o in other]
+    functional_call(tied, dict(zip(slots.names, ref)), (x,)).square().sum().backward()
+    for o, r in zip(other, ref):
+        torch.testing.assert_close(o.grad, r.grad, rtol=0, atol=0)
+    assert all(p.grad is None for p in live)  # the live parameters took no part
+    assert all(a is b for a, b in zip(slots.live(), live)) and tied[1].weight is enc.weight is live[0]
+
+    by_name = slots.run(tied, {slots.names[0]: other[0]}, (x,))  # missing names keep the live tensor
+    mixed = functional_call(tied, {slots.names[0]: other[0].detach()}, (x,))
+    torch.testing.assert_close(by_name, mixed, rtol=0, atol=0)
+
+    class Boom(nn.Module):
+        def forward(self, h: Tensor) -> Tensor:
+            raise ValueError("boom")
+
+    failing = nn.Sequential(nn.Linear(4, 4), Boom())
+    failing_slots = ParameterSlots(failing)
+    before = list(failing.parameters())
+    with pytest.raises(ValueError, match="boom"):
+        failing_slots.run(failing, [torch.zeros(4, 4), torch.zeros(4)], (x,))
+    assert all(a is b for a, b in zip(failing.parameters(), before))
