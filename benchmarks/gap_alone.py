@@ -1,0 +1,134 @@
+"""The engine's own cost over the bare kernels, in one process with the other core idle (issue 16).
+
+    python benchmarks/gap_alone.py                        # pipedream_2bw, a 4-layer stage, 8 rounds
+    python benchmarks/gap_alone.py --policy gpipe --layers 8
+
+``gap.py`` measures both stages of a pipeline at once, where the host's noise and the two processes'
+contention blur a few percent. Here one process (one thread) alternates, round by round, the bare
+kernels of ``floor.py`` (:class:`StageKernels`: preallocated buffers, in-place ReLU, the loss
+gradient written directly, ``dW`` once per batch, ``_foreach`` SGD) and the raw engine with one
+stage, on the same work: an MLP of ``--layers`` x Linear(1024, 1024) (4: one stage of
+``throughput.py``'s 2-stage split), batch 256 in 8 micro-batches, MSE, SGD with momentum. No
+transfers, so engine / floor is the cost of running the user's ``nn.Module`` through the engine:
+autograd, the policy, the deferred weight gradients, Python. Then both run once more under
+``torch.profiler`` and the ops are listed by how much more self time the engine spends in them.
+Writes ``benchmarks/results/gap_alone_<policy>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import floor  # noqa: E402
+import throughput  # noqa: E402
+
+
+def _ms_per_step(step: Callable[[int], None], warmup: int, steps: int) -> float:
+    for i in range(warmup):
+        step(i)
+    t0 = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        step(i)
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
+def _profile(step: Callable[[int], None], warmup: int, steps: int) -> tuple[dict[str, tuple[float, float]], float]:
+    """Self CPU ms per step by op (calls per step, ms), and the wall ms per step, under the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for i in range(warmup):
+        step(i)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for i in range(warmup, warmup + steps):
+            step(i)
+        wall = (time.perf_counter() - t0) / steps * 1e3
+    return {e.key: (e.count / steps, e.self_cpu_time_total / 1e3 / steps) for e in prof.key_averages()}, wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--policy", default="pipedream_2bw")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args()
+    throughput.LAYERS = floor.LAYERS = args.layers  # the model ends after --layers (the loss follows the last)
+    from lightning_asyncpipe.engine import PipelineEngine
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{throughput.free_port()}", rank=0, world_size=1)
+    batches = throughput.make_batches(args.warmup + args.steps)
+    engine = PipelineEngine(throughput.build_model(), 1, args.policy, throughput.MICROBATCHES,
+                            throughput.make_optimizer, throughput.loss_fn)  # fmt: skip
+    kernels = floor.StageKernels(0, args.layers, throughput.MICROBATCHES)
+    steps: dict[str, Callable[[int], None]] = {
+        "floor": lambda i: kernels.step(0, 1),
+        "engine": lambda i: engine.train_step(*batches[i]),
+    }
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(args.rounds):
+        for name in list(steps) if r % 2 == 0 else list(steps)[::-1]:
+            times[name].append(_ms_per_step(steps[name], args.warmup, args.steps))
+    ratios = [e / f for f, e in zip(times["floor"], times["engine"])]
+    profiled = {name: _profile(step, args.warmup, args.steps) for name, step in steps.items()}
+    dist.destroy_process_group()
+
+    med = {name: statistics.median(v) for name, v in times.items()}
+    (f_ops, f_wall), (e_ops, e_wall) = profiled["floor"], profiled["engine"]
+    f_in, e_in = sum(v[1] for v in f_ops.values()), sum(v[1] for v in e_ops.values())
+    lines = [
+        f"`python benchmarks/gap_alone.py --policy {args.policy} --layers {args.layers} --rounds {args.rounds}`: "
+        f"MLP {args.layers} x Linear({throughput.WIDTH}, {throughput.WIDTH}), batch {throughput.BATCH}, "
+        f"{throughput.MICROBATCHES} micro-batches, one process, one thread; {args.warmup} warm-up + {args.steps} "
+        f"timed steps per round, floor and engine alternating; {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}.",
+        "",
+        "| ms per step | floor (bare kernels) | engine | engine / floor |",
+        "|---|---:|---:|---:|",
+        f"| median of {args.rounds} rounds | {med['floor']:.1f} | {med['engine']:.1f} | "
+        f"{statistics.median(ratios):.3f} (rounds {min(ratios):.3f}-{max(ratios):.3f}) |",
+        f"| under the profiler: wall | {f_wall:.1f} | {e_wall:.1f} | |",
+        f"| under the profiler: inside ops (self CPU) | {f_in:.1f} | {e_in:.1f} | |",
+        f"| under the profiler: outside any op (Python, the profiler's own cost) | {f_wall - f_in:.1f} | "
+        f"{e_wall - e_in:.1f} | |",
+        "",
+        "Ops by the engine's extra self time (ms per step, under the profiler; calls per step):",
+        "",
+        "| op | floor | engine | extra |",
+        "|---|---:|---:|---:|",
+    ]
+    keys = sorted(set(f_ops) | set(e_ops), key=lambda k: -(e_ops.get(k, (0, 0))[1] - f_ops.get(k, (0, 0))[1]))
+    for k in keys[:16]:
+        f, e = f_ops.get(k, (0, 0.0)), e_ops.get(k, (0, 0.0))
+        lines.append(f"| `{k}` | {f[1]:.2f} (x{f[0]:.0f}) | {e[1]:.2f} (x{e[0]:.0f}) | {e[1] - f[1]:+.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    path = os.path.join(HERE, "results", f"gap_alone_{args.policy}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".md", "w") as fh:
+        fh.write(text)
+    result: dict[str, Any] = {"args": vars(args), "ms_per_step": times, "ratios": ratios,
+                              "profiled_ops": {"floor": f_ops, "engine": e_ops}}  # fmt: skip
+    with open(path + ".json", "w") as fh:
+        json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
