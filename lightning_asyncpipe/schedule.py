@@ -150,7 +150,7 @@ def one_f_one_b(n_stages: int, n_microbatches: int, step: int = 0) -> Schedule:
     return schedule
 
 
-def zero_bubble_h1(n_stages: int, n_microbatches: int, step: int = 0) -> Schedule:
+def zero_bubble_h1(n_stages: int, n_microbatches: int, step: int = 0, merge_weight_grads: bool = False) -> Schedule:
     """ZB-H1 (Qi et al., ICLR 2024, "Zero Bubble Pipeline Parallelism", section 2.1) for one batch.
 
     The backward is split into ``B`` (the input gradient, which the previous stage waits for) and
@@ -167,7 +167,22 @@ def zero_bubble_h1(n_stages: int, n_microbatches: int, step: int = 0) -> Schedul
 
     The same order as torch.distributed.pipelining's ``ScheduleInterleavedZeroBubble`` with one
     stage per rank.
+
+    ``merge_weight_grads=True``: only the cool-down keeps ``W`` actions (before each backward
+    after the stage's last forward, the ``W`` of the oldest micro-batch still owed); the other
+    weight gradients are computed by the update, in one GEMM per layer over their micro-batches,
+    as 1F1B with deferred weight gradients does. The same makespan when a ``W`` costs its share of
+    the batch's weight-gradient GEMM; less where a ``W`` of one small micro-batch costs more (on a
+    CPU its accumulation into the 4 MiB gradient costs ~1.2x here: see docs/benchmarks.md), for
+    ``(x, g)`` kept until the update on every stage. p = 3, m = 4 (the update computes ``W(3)`` on
+    stage 0, ``W(2), W(3)`` on stage 1, ``W(1)..W(3)`` on stage 2)::
+
+        stage 0: 0F0 0F1 0F2 .   .   0B0 0F3 0W0 0B1 0W1 0B2 0W2 0B3 0U0
+        stage 1: .   1F0 1F1 .   1B0 1F2 1B1 1F3 1W0 1B2 1W1 1B3 1U0 .
+        stage 2: .   .   2F0 2B0 2F1 2B1 2F2 2B2 2F3 2W0 2B3 2U0 .   .
     """
+    if merge_weight_grads:
+        return _one_f_one_b_cooldown_w(n_stages, n_microbatches, step)
     base = step * n_microbatches
     schedule: Schedule = {}
     for s in range(n_stages):
@@ -182,6 +197,23 @@ def zero_bubble_h1(n_stages: int, n_microbatches: int, step: int = 0) -> Schedul
             if len(owed) > s:
                 actions.append(_w(s, owed.pop(0)))
         schedule[s] = actions + [_w(s, j) for j in owed] + [_u(s, step)]
+    return schedule
+
+
+def _one_f_one_b_cooldown_w(n_stages: int, n_microbatches: int, step: int) -> Schedule:
+    """1F1B with a ``W`` (of the oldest micro-batch owed) before each backward of the cool-down."""
+    schedule: Schedule = {}
+    for s, actions in one_f_one_b(n_stages, n_microbatches, step).items():
+        last_forward = max(i for i, a in enumerate(actions) if a.kind is ActionKind.FORWARD)
+        owed: list[int] = []
+        out: list[Action] = []
+        for i, a in enumerate(actions):
+            if a.kind is ActionKind.BACKWARD and i > last_forward and owed:
+                out.append(_w(s, owed.pop(0)))
+            out.append(a)
+            if a.kind is ActionKind.BACKWARD:
+                owed.append(a.index)
+        schedule[s] = out
     return schedule
 
 
@@ -232,9 +264,9 @@ def validate(schedule: Schedule, n_microbatches: int) -> None:
 
     Rules: every action sits in its own stage's list; every stage runs the same micro-batches;
     each ``(stage, kind, index)`` happens once; a backward follows its forward on the same stage;
-    a weight gradient ``W(j)`` follows ``B(j)`` on the same stage, and a stage that splits its
-    backwards has a ``W`` for every ``B``; ``U(k)`` follows every backward (and every ``W``) of
-    batch ``k`` and happens once per batch; every stage forwards
+    a weight gradient ``W(j)`` follows ``B(j)`` on the same stage (the update computes the weight
+    gradients of the micro-batches without a ``W``); ``U(k)`` follows every backward (and every
+    ``W``) of batch ``k`` and happens once per batch; every stage forwards
     and backwards in one common order (transfers are first-in first-out); and the stages can run
     their lists concurrently to the end (checked by :func:`simulate`).
 
@@ -248,8 +280,6 @@ def validate(schedule: Schedule, n_microbatches: int) -> None:
     for s, actions in schedule.items():
         seen: set[tuple[ActionKind, int]] = set()
         done_b: dict[int, int] = {}
-        done_w: dict[int, int] = {}
-        split = any(a.kind is ActionKind.WEIGHT for a in actions)
         for a in actions:
             if a.stage != s:
                 raise ScheduleError(f"Action {a} is listed for stage {s}.")
@@ -266,28 +296,20 @@ def validate(schedule: Schedule, n_microbatches: int) -> None:
                         f"Weight gradient {a} comes before the backward {s}B{a.index} on stage {s} (W needs the "
                         f"output gradient that B receives): {_row(actions)}"
                     )
-                done_w[a.index // n_microbatches] = done_w.get(a.index // n_microbatches, 0) + 1
             if a.kind is ActionKind.UPDATE and done_b.get(a.index, 0) != n_microbatches:
                 raise ScheduleError(
                     f"Update {a} comes after {done_b.get(a.index, 0)} of the {n_microbatches} backwards of batch "
                     f"{a.index} on stage {s}: {_row(actions)}"
                 )
-            if a.kind is ActionKind.UPDATE and split and done_w.get(a.index, 0) != n_microbatches:
+            if a.kind is ActionKind.WEIGHT and (ActionKind.UPDATE, a.index // n_microbatches) in seen:
                 raise ScheduleError(
-                    f"Update {a} comes after {done_w.get(a.index, 0)} of the {n_microbatches} weight gradients of "
-                    f"batch {a.index} on stage {s}: {_row(actions)}"
+                    f"Weight gradient {a} comes after the update of its batch on stage {s}: {_row(actions)}"
                 )
         forwards = {i for k, i in seen if k is ActionKind.FORWARD}
         backwards = {i for k, i in seen if k is ActionKind.BACKWARD}
         updates = {i for k, i in seen if k is ActionKind.UPDATE}
-        weights = {i for k, i in seen if k is ActionKind.WEIGHT}
         if forwards != backwards:
             raise ScheduleError(f"Stage {s} runs forwards without backwards: {sorted(forwards ^ backwards)}.")
-        if split and weights != backwards:
-            raise ScheduleError(
-                f"Stage {s} splits its backwards but has no weight gradient for micro-batches "
-                f"{sorted(backwards - weights)}: every B needs its W on a stage with W actions."
-            )
         if updates != {j // n_microbatches for j in forwards}:
             raise ScheduleError(f"Stage {s} updates batches {sorted(updates)}, not the batches it trains.")
         if reference is None:
@@ -337,6 +359,7 @@ def simulate(
     update_time: float | Mapping[int, float] = 0.0,
     weight_time: float | Mapping[int, float] = 0.0,
     transfer_time: float = 0.0,
+    merged_weight_time: Optional[float | Mapping[int, float]] = None,
 ) -> SimResult:
     """Run ``schedule`` on an idealised machine: each stage runs its list in order, each action as
     early as its dependencies allow (``F(j)`` at stage s after ``F(j)`` at s-1; ``B(j)`` at stage s
@@ -346,8 +369,12 @@ def simulate(
     ``backward_time`` is the input-gradient part of a backward and ``weight_time`` its
     weight-gradient part: on a stage whose list has ``W`` actions, ``B`` takes ``backward_time``
     and ``W`` takes ``weight_time``; on a stage without, ``B`` is the whole backward and takes
-    their sum. A micro-batch counts as in flight from its forward until its ``W`` (its input and
-    output gradient are kept for it) on a stage that splits, until its ``B`` otherwise.
+    their sum; there, the micro-batches without a ``W`` have their weight gradients computed by the
+    next ``U`` (merged), which takes ``merged_weight_time`` (default ``weight_time``) for each of
+    them on top of ``update_time``: one GEMM over several micro-batches may cost less per
+    micro-batch than a ``W`` of one. A micro-batch
+    counts as in flight from its forward until its ``W`` or that ``U`` (its input and output
+    gradient are kept for it) on a stage that splits, until its ``B`` otherwise.
 
     Raises:
         ScheduleError: if the stages cannot all finish (a deadlock), with the clock table so far.
@@ -358,6 +385,19 @@ def simulate(
         return float(value[s]) if isinstance(value, Mapping) else float(value)
 
     split = {s: any(a.kind is ActionKind.WEIGHT for a in actions) for s, actions in schedule.items()}
+    # on a stage that splits, an update computes the weight gradients of the backwards before it
+    # that no W action computes (merged into one GEMM per layer): it takes their weight_time
+    merged: dict[tuple[int, int], list[int]] = {}
+    merged_w = weight_time if merged_weight_time is None else merged_weight_time
+    for s, actions in schedule.items():
+        if split[s]:
+            with_w = {a.index for a in actions if a.kind is ActionKind.WEIGHT}
+            pending: list[int] = []
+            for a in actions:
+                if a.kind is ActionKind.BACKWARD and a.index not in with_w:
+                    pending.append(a.index)
+                elif a.kind is ActionKind.UPDATE:
+                    merged[(s, a.index)], pending = pending, []
     end: dict[tuple[int, ActionKind, int], float] = {}
     pos = {s: 0 for s in schedule}
     free = {s: 0.0 for s in schedule}
@@ -380,7 +420,7 @@ def simulate(
                     ActionKind.FORWARD: _dur(forward_time, s),
                     ActionKind.BACKWARD: _dur(backward_time, s) + (0.0 if split[s] else _dur(weight_time, s)),
                     ActionKind.WEIGHT: _dur(weight_time, s),
-                    ActionKind.UPDATE: _dur(update_time, s),
+                    ActionKind.UPDATE: _dur(update_time, s) + len(merged.get((s, a.index), ())) * _dur(merged_w, s),
                 }[a.kind]
                 end[(s, a.kind, a.index)] = free[s] = start + duration
                 timeline[s].append((start, start + duration, a))
@@ -399,6 +439,7 @@ def simulate(
         release = ActionKind.WEIGHT if split[s] else ActionKind.BACKWARD
         for _, _, a in events:
             in_flight += 1 if a.kind is ActionKind.FORWARD else -1 if a.kind is release else 0
+            in_flight -= len(merged.get((s, a.index), [])) if a.kind is ActionKind.UPDATE else 0
             peak = max(peak, in_flight)
         result.peak_in_flight[s] = peak
     return result

@@ -171,6 +171,7 @@ def test_generators_validate(p, m):
     validate(one_f_one_b(p, m, step=2), m)
     validate(zero_bubble_h1(p, m), m)
     validate(concat(*(zero_bubble_h1(p, m, k) for k in range(3))), m)
+    validate(concat(*(zero_bubble_h1(p, m, k, merge_weight_grads=True) for k in range(3))), m)
 
 
 def test_async_refill_validates():
@@ -196,7 +197,7 @@ def test_async_refill_validates():
         ("0: 0F0 0F1 0B0 0W0 0W1 0B1 0U0\n1: 1F0 1F1 1B0 1B1 1U0",
          r"Weight gradient 0W1 comes before the backward 0B1 on stage 0"),
         ("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0 1W0 1B1 1U0 1W1",
-         r"Update 1U0 comes after 1 of the 2 weight gradients of batch 0"),
+         r"Weight gradient 1W1 comes after the update of its batch on stage 1"),
     ],
     ids=["duplicated", "backward-before-forward", "missing-backward", "update-before-backwards",
          "weight-gradient-before-backward", "update-before-weight-gradients"],
@@ -206,15 +207,16 @@ def test_validate_rejects_a_misplaced_action(text: str, message: str) -> None:
         validate(sched(text), 2)
 
 
-def test_validate_missing_weight_gradient():
-    """A stage that splits its backwards needs a W for every B (a stage that does not split may
-    sit next to one that does: B is then the whole backward)."""
-    with pytest.raises(ScheduleError, match=r"Update 1U0 comes after 1 of the 2 weight gradients of batch 0"):
-        validate(sched("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0 1W0 1B1 1U0"), 2)
-    with pytest.raises(ScheduleError, match=r"Stage 1 splits its backwards but has no weight gradient for "
-                                            r"micro-batches \[1\]"):  # fmt: skip
-        validate(sched("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0 1W0 1B1"), 2)
+def test_validate_weight_gradients_without_w_are_the_updates():
+    """A stage may split some backwards and not others: the update computes the weight gradients
+    no W computed (merged); a W still needs its B before it and its batch's update after it, and
+    a stage without W actions may sit next to one with them (B is then the whole backward)."""
+    validate(sched("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0 1W0 1B1 1U0"), 2)
     validate(sched("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0 1W0 1B1 1W1 1U0"), 2)
+    with pytest.raises(ScheduleError, match=r"Stage 1 updates batches \[\], not the batches it trains"):
+        validate(sched("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0 1W0 1B1"), 2)
+    with pytest.raises(ScheduleError, match=r"Weight gradient 1W1 comes after the update of its batch"):
+        validate(sched("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0 1W0 1B1 1U0 1W1"), 2)
 
 
 def test_validate_missing_or_wrong_update():
@@ -327,6 +329,47 @@ def test_zero_bubble_bubble_is_smaller_than_pipedream_flush():
     # 1F1B peak; 1F1B itself keeps p-s
     assert zb.peak_in_flight == {s: p for s in range(p)}
     assert flush.peak_in_flight == {s: p - s for s in range(p)}
+
+
+ZERO_BUBBLE_MERGED_3_4 = """\
+stage 0: 0F0 0F1 0F2 .   .   0B0 0F3 0W0 0B1 0W1 0B2 0W2 0B3 0U0
+stage 1: .   1F0 1F1 .   1B0 1F2 1B1 1F3 1W0 1B2 1W1 1B3 1U0 .
+stage 2: .   .   2F0 2B0 2F1 2B1 2F2 2B2 2F3 2W0 2B3 2U0 .   ."""
+
+
+def test_zero_bubble_merged_keeps_w_only_in_the_cool_down():
+    """merge_weight_grads: 1F1B's order, a W (the oldest owed) before each backward after the
+    stage's last forward; the update computes the rest (the docstring's table)."""
+    merged = zero_bubble_h1(3, 4, merge_weight_grads=True)
+    assert format_table(merged) == ZERO_BUBBLE_MERGED_3_4
+    for p, m in [(1, 3), (2, 8), (3, 4), (4, 2), (4, 8), (5, 7)]:
+        for step in (0, 2):
+            zb, flush = zero_bubble_h1(p, m, step, merge_weight_grads=True), one_f_one_b(p, m, step)
+            assert {s: [a for a in acts if a.kind is not W] for s, acts in zb.items()} == flush
+            for s, acts in zb.items():
+                last_f = max(i for i, a in enumerate(acts) if a.kind is F)
+                assert all(i > last_f for i, a in enumerate(acts) if a.kind is W)
+                assert [a.index for a in acts if a.kind is W] == [a.index for a in acts if a.kind is B][
+                    : sum(a.kind is W for a in acts)]  # the oldest first
+
+
+@pytest.mark.parametrize("p, m", [(2, 8), (3, 8), (4, 8), (4, 16), (8, 16)])
+def test_zero_bubble_merged_against_zb_h1_and_flush(p, m):
+    """Unit F, B and W: merged W equals ZB-H1's makespan, less than 1F1B with every weight gradient
+    at the update (the engine's pipedream_flush); when a W of one micro-batch costs 1.2 units and a
+    merged one 1 (this CPU), merged beats both. Merged keeps all m micro-batches' (x, g) until U."""
+    flush = simulate(one_f_one_b(p, m), 1.0, 1.0, update_time=float(m)).makespan
+    for w_one, w_merged in [(1.0, 1.0), (1.2, 1.0)]:
+        zb = simulate(zero_bubble_h1(p, m), 1.0, 1.0, weight_time=w_one).makespan
+        merged = simulate(zero_bubble_h1(p, m, merge_weight_grads=True), 1.0, 1.0, weight_time=w_one,
+                          merged_weight_time=w_merged)  # fmt: skip
+        if w_one == w_merged:
+            assert merged.makespan == pytest.approx(zb) and merged.makespan < flush
+        else:
+            assert merged.makespan < zb and merged.makespan < flush
+        assert merged.peak_in_flight == {s: m for s in range(p)}
+    assert simulate(zero_bubble_h1(2, 8, merge_weight_grads=True), 1.0, 1.0, weight_time=1.2,
+                    merged_weight_time=1.0).makespan == pytest.approx(25.4)  # fmt: skip
 
 
 def test_simulate_weight_time():

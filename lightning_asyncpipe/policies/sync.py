@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from lightning_asyncpipe.errors import PipelineConfigError
 from lightning_asyncpipe.policies.base import WeightPolicy
 from lightning_asyncpipe.policies.registry import register_policy
 from lightning_asyncpipe.schedule import Action, gpipe, one_f_one_b, zero_bubble_h1
@@ -62,9 +63,23 @@ class ZeroBubblePolicy(_Synchronous):
     input-gradient and weight-gradient times the bubble is a third of 1F1B's; every stage holds at
     most ``p`` micro-batches' activations or kept ``(x, g)`` (stage 0's 1F1B peak).
     See :func:`lightning_asyncpipe.schedule.zero_bubble_h1` for the table.
+
+    Args:
+        merge_weight_grads: keep ``W`` actions only in the cool-down, where they fill the bubble,
+            and compute the other weight gradients at the update in one GEMM per layer over their
+            micro-batches. Faster where the weight gradient of one small micro-batch costs more than
+            its share of the batch's (on CPUs, small micro-batches), the same otherwise; every stage
+            then keeps the ``(x, g)`` of all ``m`` micro-batches until the update, as
+            ``pipedream_flush`` does. The result is the same (exact like GPipe).
     """
 
     name: ClassVar[str] = "zero_bubble"
 
+    def __init__(self, merge_weight_grads: bool = False) -> None:
+        super().__init__()
+        if not isinstance(merge_weight_grads, bool):
+            raise PipelineConfigError(f"zero_bubble: merge_weight_grads must be true or false, got {merge_weight_grads!r}.")
+        self.merge_weight_grads = merge_weight_grads
+
     def step_actions(self, n_stages: int, n_microbatches: int, stage: int, step: int, fill_step: int) -> list[Action]:
-        return zero_bubble_h1(n_stages, n_microbatches, step)[stage]
+        return zero_bubble_h1(n_stages, n_microbatches, step, self.merge_weight_grads)[stage]

@@ -14,6 +14,7 @@ POLICIES: list[tuple[str, dict[str, Any]]] = [
     ("gpipe", {}),
     ("pipedream_flush", {}),
     ("zero_bubble", {}),
+    ("zero_bubble", {"merge_weight_grads": True}),
     ("pipedream", {}),
     ("pipedream", {"vertical_sync": True}),
     ("pipedream_2bw", {}),

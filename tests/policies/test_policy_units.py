@@ -420,6 +420,12 @@ def test_zero_bubble_is_synchronous_and_plans_zb_h1() -> None:
         assert all(zb.drain_actions(p, m, s, step, 0) == [] for s in range(p))
     zb.updates = 5
     assert zb.forward_version_at(0, 7) == 5  # every stage runs batch k on W(k)
+    merged = get_policy("zero_bubble", merge_weight_grads=True)
+    plan = {s: merged.step_actions(p, m, s, 1, 0) for s in range(p)}
+    validate(plan, m)
+    assert plan == zero_bubble_h1(p, m, 1, merge_weight_grads=True) != zero_bubble_h1(p, m, 1)
+    with pytest.raises(PipelineConfigError, match="merge_weight_grads must be true or false"):
+        get_policy("zero_bubble", merge_weight_grads="yes")
 
 
 def test_parameter_slots_run_a_stage_on_other_weights_as_functional_call_does() -> None:
