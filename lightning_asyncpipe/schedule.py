@@ -169,17 +169,18 @@ def zero_bubble_h1(n_stages: int, n_microbatches: int, step: int = 0, merge_weig
     stage per rank.
 
     ``merge_weight_grads=True``: only the cool-down keeps ``W`` actions (before each backward
-    after the stage's last forward, the ``W`` of the oldest micro-batch still owed); the other
+    after the stage's last forward, the ``W`` of the oldest micro-batch still owed; none on the last
+    stage, whose backward waits for no other stage, so a ``W`` there only delays it); the other
     weight gradients are computed by the update, in one GEMM per layer over their micro-batches,
     as 1F1B with deferred weight gradients does. The same makespan when a ``W`` costs its share of
     the batch's weight-gradient GEMM; less where a ``W`` of one small micro-batch costs more (on a
     CPU its accumulation into the 4 MiB gradient costs ~1.2x here: see docs/benchmarks.md), for
     ``(x, g)`` kept until the update on every stage. p = 3, m = 4 (the update computes ``W(3)`` on
-    stage 0, ``W(2), W(3)`` on stage 1, ``W(1)..W(3)`` on stage 2)::
+    stage 0, ``W(2), W(3)`` on stage 1, all four on stage 2)::
 
         stage 0: 0F0 0F1 0F2 .   .   0B0 0F3 0W0 0B1 0W1 0B2 0W2 0B3 0U0
         stage 1: .   1F0 1F1 .   1B0 1F2 1B1 1F3 1W0 1B2 1W1 1B3 1U0 .
-        stage 2: .   .   2F0 2B0 2F1 2B1 2F2 2B2 2F3 2W0 2B3 2U0 .   .
+        stage 2: .   .   2F0 2B0 2F1 2B1 2F2 2B2 2F3 2B3 2U0 .   .   .
     """
     if merge_weight_grads:
         return _one_f_one_b_cooldown_w(n_stages, n_microbatches, step)
@@ -201,9 +202,14 @@ def zero_bubble_h1(n_stages: int, n_microbatches: int, step: int = 0, merge_weig
 
 
 def _one_f_one_b_cooldown_w(n_stages: int, n_microbatches: int, step: int) -> Schedule:
-    """1F1B with a ``W`` (of the oldest micro-batch owed) before each backward of the cool-down."""
+    """1F1B with a ``W`` (of the oldest micro-batch owed) before each backward of the cool-down, on
+    every stage but the last (whose backward waits for no other stage: a ``W`` there would only
+    delay it, and every stage before it)."""
     schedule: Schedule = {}
     for s, actions in one_f_one_b(n_stages, n_microbatches, step).items():
+        if s == n_stages - 1:
+            schedule[s] = actions
+            continue
         last_forward = max(i for i, a in enumerate(actions) if a.kind is ActionKind.FORWARD)
         owed: list[int] = []
         out: list[Action] = []
@@ -367,14 +373,14 @@ def simulate(
     for the tensors to cross the link (default: free).
 
     ``backward_time`` is the input-gradient part of a backward and ``weight_time`` its
-    weight-gradient part: on a stage whose list has ``W`` actions, ``B`` takes ``backward_time``
-    and ``W`` takes ``weight_time``; on a stage without, ``B`` is the whole backward and takes
-    their sum; there, the micro-batches without a ``W`` have their weight gradients computed by the
-    next ``U`` (merged), which takes ``merged_weight_time`` (default ``weight_time``) for each of
+    weight-gradient part: in a schedule with ``W`` actions, ``B`` takes ``backward_time`` and ``W``
+    takes ``weight_time``; in one without, ``B`` is the whole backward and takes their sum. In a
+    schedule with ``W`` actions, the micro-batches without one have their weight gradients computed
+    by the stage's next ``U`` (merged), which takes ``merged_weight_time`` (default ``weight_time``) for each of
     them on top of ``update_time``: one GEMM over several micro-batches may cost less per
     micro-batch than a ``W`` of one. A micro-batch
     counts as in flight from its forward until its ``W`` or that ``U`` (its input and output
-    gradient are kept for it) on a stage that splits, until its ``B`` otherwise.
+    gradient are kept for it) in a schedule that splits, until its ``B`` otherwise.
 
     Raises:
         ScheduleError: if the stages cannot all finish (a deadlock), with the clock table so far.
@@ -384,7 +390,8 @@ def simulate(
     def _dur(value: float | Mapping[int, float], s: int) -> float:
         return float(value[s]) if isinstance(value, Mapping) else float(value)
 
-    split = {s: any(a.kind is ActionKind.WEIGHT for a in actions) for s, actions in schedule.items()}
+    any_w = any(a.kind is ActionKind.WEIGHT for actions in schedule.values() for a in actions)
+    split = {s: any_w for s in schedule}  # a schedule with W actions splits every backward
     # on a stage that splits, an update computes the weight gradients of the backwards before it
     # that no W action computes (merged into one GEMM per layer): it takes their weight_time
     merged: dict[tuple[int, int], list[int]] = {}

@@ -334,7 +334,7 @@ def test_zero_bubble_bubble_is_smaller_than_pipedream_flush():
 ZERO_BUBBLE_MERGED_3_4 = """\
 stage 0: 0F0 0F1 0F2 .   .   0B0 0F3 0W0 0B1 0W1 0B2 0W2 0B3 0U0
 stage 1: .   1F0 1F1 .   1B0 1F2 1B1 1F3 1W0 1B2 1W1 1B3 1U0 .
-stage 2: .   .   2F0 2B0 2F1 2B1 2F2 2B2 2F3 2W0 2B3 2U0 .   ."""
+stage 2: .   .   2F0 2B0 2F1 2B1 2F2 2B2 2F3 2B3 2U0 .   .   ."""
 
 
 def test_zero_bubble_merged_keeps_w_only_in_the_cool_down():
@@ -346,6 +346,7 @@ def test_zero_bubble_merged_keeps_w_only_in_the_cool_down():
         for step in (0, 2):
             zb, flush = zero_bubble_h1(p, m, step, merge_weight_grads=True), one_f_one_b(p, m, step)
             assert {s: [a for a in acts if a.kind is not W] for s, acts in zb.items()} == flush
+            assert not [a for a in zb[p - 1] if a.kind is W]  # the last stage's B waits for nobody
             for s, acts in zb.items():
                 last_f = max(i for i, a in enumerate(acts) if a.kind is F)
                 assert all(i > last_f for i, a in enumerate(acts) if a.kind is W)
@@ -367,19 +368,24 @@ def test_zero_bubble_merged_against_zb_h1_and_flush(p, m):
             assert merged.makespan == pytest.approx(zb) and merged.makespan < flush
         else:
             assert merged.makespan < zb and merged.makespan < flush
-        assert merged.peak_in_flight == {s: m for s in range(p)}
+        assert merged.peak_in_flight == {s: m for s in range(p)}  # (x, g) kept until the update
     assert simulate(zero_bubble_h1(2, 8, merge_weight_grads=True), 1.0, 1.0, weight_time=1.2,
                     merged_weight_time=1.0).makespan == pytest.approx(25.4)  # fmt: skip
 
 
 def test_simulate_weight_time():
     """Without W actions a B is the whole backward (backward_time + weight_time); with them, B and W
-    take their own times, and W waits for no other stage."""
+    take their own times, W waits for no other stage, and an update computes the weight gradients
+    no W computed (merged: merged_weight_time each, default weight_time)."""
     result = simulate(sched("0: 0F0 0B0 0W0 0U0\n1: 1F0 1B0 1U0"), 1.0, 2.0, weight_time=3.0)
-    assert [(b, e, str(a)) for b, e, a in result.timeline[1]] == [(1.0, 2.0, "1F0"), (2.0, 7.0, "1B0"),
-                                                                (7.0, 7.0, "1U0")]  # fmt: skip
-    assert [(b, e, str(a)) for b, e, a in result.timeline[0]] == [(0.0, 1.0, "0F0"), (7.0, 9.0, "0B0"),
-                                                                (9.0, 12.0, "0W0"), (12.0, 12.0, "0U0")]  # fmt: skip
+    assert [(b, e, str(a)) for b, e, a in result.timeline[1]] == [(1.0, 2.0, "1F0"), (2.0, 4.0, "1B0"),
+                                                                (4.0, 7.0, "1U0")]  # fmt: skip
+    merged = simulate(sched("0: 0F0 0B0 0W0 0U0\n1: 1F0 1B0 1U0"), 1.0, 2.0, 0.5, weight_time=3.0,
+                      merged_weight_time=1.0)  # fmt: skip
+    assert [(b, e, str(a)) for b, e, a in merged.timeline[1]][-1] == (4.0, 5.5, "1U0")
+    assert simulate(sched("0: 0F0 0B0 0U0\n1: 1F0 1B0 1U0"), 1.0, 2.0, weight_time=3.0).timeline[1][1][:2] == (2.0, 7.0)
+    assert [(b, e, str(a)) for b, e, a in result.timeline[0]] == [(0.0, 1.0, "0F0"), (4.0, 6.0, "0B0"),
+                                                                (6.0, 9.0, "0W0"), (9.0, 9.0, "0U0")]  # fmt: skip
     # the default weight_time of 0 keeps every earlier result
     assert simulate(one_f_one_b(3, 4)).makespan == simulate(zero_bubble_h1(3, 4)).makespan == 12
 

@@ -78,7 +78,9 @@ class ZeroBubblePolicy(_Synchronous):
     def __init__(self, merge_weight_grads: bool = False) -> None:
         super().__init__()
         if not isinstance(merge_weight_grads, bool):
-            raise PipelineConfigError(f"zero_bubble: merge_weight_grads must be true or false, got {merge_weight_grads!r}.")
+            raise PipelineConfigError(
+                f"zero_bubble: merge_weight_grads must be true or false, got {merge_weight_grads!r}."
+            )
         self.merge_weight_grads = merge_weight_grads
 
     def step_actions(self, n_stages: int, n_microbatches: int, stage: int, step: int, fill_step: int) -> list[Action]:
