@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -46,8 +45,8 @@ import torch.distributed as dist  # noqa: E402
 
 from floor import StageKernels, _stage_bounds  # noqa: E402
 from throughput import (  # noqa: E402
-    BATCH, LAYERS, MICROBATCHES, WIDTH, build_model, free_port, loss_fn, make_batches, make_optimizer, pin_to_core,
-    replay_transfers,
+    BATCH, LAYERS, MICROBATCHES, WIDTH, build_model, loss_fn, make_batches, make_optimizer, pin_to_core,
+    replay_transfers, spawn_collect,
 )
 
 STAGES = 2
@@ -197,17 +196,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.pin:
         os.environ["ASYNCPIPE_BENCH_PIN"] = "1"
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, args.policy, args.warmup, args.steps, args.rounds, queue))
-             for r in range(STAGES)]  # fmt: skip
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=1200) for _ in procs)  # by stage
-    for p in procs:
-        p.join(timeout=60)
-        if p.exitcode != 0:
-            raise SystemExit(f"a worker exited with {p.exitcode}")
+    results = dict(spawn_collect(_worker, STAGES, (args.policy, args.warmup, args.steps, args.rounds), STAGES,
+                                 1200))  # by stage  # fmt: skip
     top = {r: results[r].pop("top_ops") for r in results}
     med = {r: {k: statistics.median(v) * 1e3 for k, v in results[r].items()} for r in results}
     lines = [

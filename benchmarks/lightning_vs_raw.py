@@ -38,7 +38,10 @@ sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
-from throughput import BATCH, LAYERS, MICROBATCHES, POLICIES, WIDTH, build_model, loss_fn, make_batches, make_optimizer  # noqa: E402,E501
+from throughput import (  # noqa: E402
+    BATCH, LAYERS, MICROBATCHES, POLICIES, WIDTH, batch_loader, build_model, lightning_module, loss_fn, make_batches,
+    make_optimizer,
+)
 
 RESULTS = os.path.join(HERE, "results")
 
@@ -47,7 +50,6 @@ def worker(policy: str, block: int, rounds: int, out: str) -> None:
     """One Lightning fit (re-run by Lightning's launcher for the second stage) with raw blocks inside."""
     import lightning as L
     import torch.distributed as dist
-    from torch.utils.data import DataLoader, Dataset
 
     from lightning_asyncpipe import AsyncPipeStrategy
     from lightning_asyncpipe.comm import PipelineGroups
@@ -57,24 +59,6 @@ def worker(policy: str, block: int, rounds: int, out: str) -> None:
     torch.set_num_threads(1)
     n_steps = block * (rounds + 1)  # one warm-up round
     batches = make_batches(n_steps)
-
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = build_model()
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            return loss_fn(self.net(batch[0]), batch[1])
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return make_optimizer(self.parameters())
-
-    class Batches(Dataset):
-        def __len__(self) -> int:
-            return n_steps
-
-        def __getitem__(self, i: int) -> Any:
-            return batches[i]
 
     class Interleave(L.Callback):
         def __init__(self) -> None:
@@ -122,7 +106,7 @@ def worker(policy: str, block: int, rounds: int, out: str) -> None:
         enable_checkpointing=False, enable_model_summary=False, callbacks=[Interleave()],
         strategy=AsyncPipeStrategy(policy=policy, microbatches=MICROBATCHES, pipeline_metrics=False),
     )  # fmt: skip
-    trainer.fit(Module(), DataLoader(Batches(), batch_size=None))
+    trainer.fit(lightning_module(), batch_loader(batches))
 
 
 def run(policy: str, block: int, rounds: int) -> dict[str, Any]:
@@ -167,11 +151,13 @@ def main() -> None:
         f"first); step times are per-block medians of the slower stage. {platform.machine()}, {os.cpu_count()} "
         f"CPUs, torch {torch.__version__}; {time.perf_counter() - t0:.0f} s.",
         "",
-        "| policy | Lightning step, ms (median of rounds) | raw step, ms | Lightning / raw per round | median | >= 0.97 |",
+        "| policy | Lightning step, ms (median of rounds) | raw step, ms | Lightning / raw per round | median "
+        "| >= 0.97 |",
         "|---|---:|---:|---|---:|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['policy']} | {statistics.median(r['lightning_ms']):.1f} | {statistics.median(r['raw_ms']):.1f} | "
+        lines.append(f"| {r['policy']} | {statistics.median(r['lightning_ms']):.1f} | "
+                     f"{statistics.median(r['raw_ms']):.1f} | "
                      f"{', '.join(f'{x:.2f}' for x in r['ratios'])} | {r['median_ratio']:.3f} | "
                      f"{'yes' if r['median_ratio'] >= 0.97 else 'no'} |")  # fmt: skip
     with open(os.path.join(RESULTS, "lightning_vs_raw.json"), "w") as f:

@@ -34,7 +34,9 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from throughput import BATCH, MICROBATCHES, build_model, loss_fn, make_batches, make_optimizer  # noqa: E402
+from throughput import (  # noqa: E402
+    BATCH, MICROBATCHES, batch_loader, build_model, lightning_module, loss_fn, make_batches, make_optimizer,
+)
 
 WARMUP = 5
 
@@ -86,33 +88,11 @@ def engine_worker(rank: int, world: int, port: int, policy: str, steps: int, out
 
 def lightning_worker(policy: str, steps: int, out: str) -> None:
     import lightning as L
-    from torch.utils.data import DataLoader, Dataset
 
     from lightning_asyncpipe import AsyncPipeStrategy
     from lightning_asyncpipe.trace import TimelineRecorder
 
     torch.set_num_threads(1)
-
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = build_model()
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            return loss_fn(self.net(batch[0]), batch[1])
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return make_optimizer(self.parameters())
-
-    class Batches(Dataset):
-        def __init__(self, n: int) -> None:
-            self.batches = make_batches(n)
-
-        def __len__(self) -> int:
-            return len(self.batches)
-
-        def __getitem__(self, i: int) -> Any:
-            return self.batches[i]
 
     class Probe(L.Callback):
         starts: list[float] = []
@@ -143,7 +123,7 @@ def lightning_worker(policy: str, steps: int, out: str) -> None:
         enable_checkpointing=False, enable_model_summary=False, callbacks=[Probe()],
         strategy=AsyncPipeStrategy(policy=policy, microbatches=MICROBATCHES, pipeline_metrics=False),
     )  # fmt: skip
-    trainer.fit(Module(), DataLoader(Batches(WARMUP + steps), batch_size=None))
+    trainer.fit(lightning_module(), batch_loader(make_batches(WARMUP + steps)))
 
 
 def _median_summary(parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -32,9 +32,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
-from throughput import BATCH, LAYERS, MICROBATCHES, WIDTH, build_model, free_port, loss_fn, make_batches, make_optimizer  # noqa: E402,E501
+from throughput import (  # noqa: E402
+    BATCH, LAYERS, MICROBATCHES, WIDTH, build_model, loss_fn, make_batches, make_optimizer, spawn_collect,
+)
 
 STAGES = 2
 
@@ -97,17 +98,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
     t0 = time.perf_counter()
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, args.specs, args.rounds, args.steps, args.warmup, queue))
-             for r in range(STAGES)]  # fmt: skip
-    for p in procs:
-        p.start()
-    times = queue.get(timeout=3600)
-    for p in procs:
-        p.join(timeout=60)
-        if p.exitcode != 0:
-            raise SystemExit(f"a worker exited with {p.exitcode}")
+    times = spawn_collect(_worker, STAGES, (args.specs, args.rounds, args.steps, args.warmup), 1, 3600)[0]
     lines = [
         f"`python benchmarks/paired.py {' '.join(args.specs)} --rounds {args.rounds} --steps {args.steps}`: MLP "
         f"{LAYERS} x Linear({WIDTH}, {WIDTH}), batch {BATCH}, {MICROBATCHES} micro-batches, {STAGES} stages x 1 "

@@ -109,6 +109,43 @@ def make_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(BATCH, WIDTH, generator=g), torch.randn(BATCH, WIDTH, generator=g)) for _ in range(n)]
 
 
+def lightning_module() -> Any:
+    """The benchmark model, loss and optimizer as a LightningModule (``self.net``; the loss in
+    ``training_step``). Lightning is imported here, so the raw-engine workers never load it."""
+    import lightning as L
+
+    class BenchModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = build_model()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return loss_fn(self(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return make_optimizer(self.parameters())
+
+    return BenchModule()
+
+
+def batch_loader(batches: list) -> Any:
+    """A DataLoader of pre-generated whole batches: no per-sample collation in the timed loop."""
+    from torch.utils.data import DataLoader, Dataset
+
+    class Batches(Dataset):
+        def __len__(self) -> int:
+            return len(batches)
+
+        def __getitem__(self, i: int) -> Any:
+            return batches[i]
+
+    return DataLoader(Batches(), batch_size=None, shuffle=False)
+
+
 def uniform_counts(n_layers: int, n_stages: int) -> list[int]:
     """Layers per stage: the same split as lightning_asyncpipe's ``balance="uniform"``."""
     return [n_layers // n_stages + (1 if s < n_layers % n_stages else 0) for s in range(n_stages)]
@@ -122,6 +159,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def spawn_collect(target: Any, n_procs: int, args: tuple, n_results: int, timeout: float) -> list[Any]:
+    """Run ``target(rank, port, *args, queue)`` in ``n_procs`` spawned processes (``port`` a free
+    one for the process group) and return the ``n_results`` items they put on ``queue``; a process
+    that exits with an error ends the run."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=target, args=(r, port, *args, queue)) for r in range(n_procs)]
+    for proc in procs:
+        proc.start()
+    results = [queue.get(timeout=timeout) for _ in range(n_results)]
+    for proc in procs:
+        proc.join(timeout=60)
+        if proc.exitcode != 0:
+            raise SystemExit(f"a worker exited with {proc.exitcode}")
+    return results
 
 
 def pin_to_core(rank: int, threads: int = 1) -> None:
@@ -384,34 +440,8 @@ def lightning_worker(argv: list[str]) -> None:
     pin_to_core(int(os.environ.get("LOCAL_RANK", "0")))  # rank 0 is this process; Lightning starts the others
 
     import lightning as L
-    from torch.utils.data import DataLoader, Dataset
 
     from lightning_asyncpipe import AsyncPipeStrategy
-
-    class BenchModule(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = build_model()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            x, y = batch
-            return loss_fn(self(x), y)
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return make_optimizer(self.parameters())
-
-    class Batches(Dataset):  # pre-generated whole batches: no per-sample collation in the timed loop
-        def __init__(self, batches: list) -> None:
-            self.batches = batches
-
-        def __len__(self) -> int:
-            return len(self.batches)
-
-        def __getitem__(self, i: int) -> Any:
-            return self.batches[i]
 
     class Timer(L.Callback):
         def __init__(self) -> None:
@@ -437,7 +467,7 @@ def lightning_worker(argv: list[str]) -> None:
                             max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
                             enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
                             callbacks=[timer])  # fmt: skip
-        trainer.fit(BenchModule(), DataLoader(Batches(batches), batch_size=None, shuffle=False))
+        trainer.fit(lightning_module(), batch_loader(batches))
         times.append(timer.elapsed)
         stashed = max(stashed, int(strategy._policy.report().peak_stashed_bytes))
         rank, stage = trainer.global_rank, strategy.stage
