@@ -154,6 +154,6 @@ class PipelineMetrics:
 
 def theoretical_bubble(schedule: Schedule, weight_time: float = 0.0) -> dict[int, float]:
     """The idle fraction of each stage when ``schedule`` runs with unit forward and input-gradient
-    times and ``weight_time`` per weight gradient (a ``W`` action, or part of a ``B`` on a stage
-    without ``W``; see :func:`~lightning_asyncpipe.schedule.simulate`)."""
+    times and ``weight_time`` per weight gradient (a ``W`` action, or part of a ``B`` in a schedule
+    without ``W`` actions; see :func:`~lightning_asyncpipe.schedule.simulate`)."""
     return simulate(schedule, weight_time=weight_time).bubble

@@ -3,8 +3,9 @@
 A schedule maps each stage to the ordered list of actions that stage runs. Micro-batches are
 numbered globally in data order: batch ``k`` holds micro-batches ``k*m .. k*m+m-1``. ``U`` actions
 carry the batch whose gradient they apply. ``B`` is the whole backward of a micro-batch, unless the
-stage's list also has ``W`` actions: then ``B`` computes the input gradient and ``W`` the weight
-gradient of the layers that can defer it (:mod:`lightning_asyncpipe.wgrad`). The text form of an
+schedule has ``W`` actions: then ``B`` computes the input gradient and ``W`` the weight gradient of
+the layers that can defer it (:mod:`lightning_asyncpipe.wgrad`); the update computes those of the
+micro-batches without a ``W``. The text form of an
 action is ``"<stage><kind><index>"`` (``"1F3"``: stage 1, forward of micro-batch 3), optionally
 followed by ``v<weight version>``.
 
@@ -272,7 +273,8 @@ def validate(schedule: Schedule, n_microbatches: int) -> None:
     each ``(stage, kind, index)`` happens once; a backward follows its forward on the same stage;
     a weight gradient ``W(j)`` follows ``B(j)`` on the same stage (the update computes the weight
     gradients of the micro-batches without a ``W``); ``U(k)`` follows every backward (and every
-    ``W``) of batch ``k`` and happens once per batch; every stage forwards
+    ``W``) of batch ``k``, happens once per batch and before any backward of batch ``k+1``; every
+    stage forwards
     and backwards in one common order (transfers are first-in first-out); and the stages can run
     their lists concurrently to the end (checked by :func:`simulate`).
 
@@ -286,6 +288,7 @@ def validate(schedule: Schedule, n_microbatches: int) -> None:
     for s, actions in schedule.items():
         seen: set[tuple[ActionKind, int]] = set()
         done_b: dict[int, int] = {}
+        listed_updates = {a.index for a in actions if a.kind is ActionKind.UPDATE}
         for a in actions:
             if a.stage != s:
                 raise ScheduleError(f"Action {a} is listed for stage {s}.")
@@ -295,6 +298,12 @@ def validate(schedule: Schedule, n_microbatches: int) -> None:
             if a.kind is ActionKind.BACKWARD:
                 if (ActionKind.FORWARD, a.index) not in seen:
                     raise ScheduleError(f"Backward {a} comes before its forward on stage {s}: {_row(actions)}")
+                batch = a.index // n_microbatches
+                if batch - 1 in listed_updates and (ActionKind.UPDATE, batch - 1) not in seen:
+                    raise ScheduleError(
+                        f"Backward {a} of batch {batch} comes before the update of batch {batch - 1} on stage {s} "
+                        f"(an update applies every weight gradient computed before it): {_row(actions)}"
+                    )
                 done_b[a.index // n_microbatches] = done_b.get(a.index // n_microbatches, 0) + 1
             if a.kind is ActionKind.WEIGHT:
                 if (ActionKind.BACKWARD, a.index) not in seen:

@@ -73,7 +73,7 @@ class DeferredWeightGrad:
         self.layers = [m for m in module.modules() if type(m) is nn.Linear]
         self._index = {layer: i for i, layer in enumerate(self.layers)}
         self._kept: dict[nn.Linear, list[tuple[Optional[int], Tensor, Tensor]]] = {}
-        self._buffers: dict[tuple[Any, ...], Tensor] = {}
+        self._buffers: dict[tuple[Any, ...], dict[tuple[int, ...], Tensor]] = {}
         self.active = False
         self.microbatch: Optional[int] = None
         """The micro-batch whose backward runs now: what :meth:`keep` tags its ``(x, g)`` with."""
@@ -104,10 +104,18 @@ class DeferredWeightGrad:
         return bool(self._kept)
 
     def _buffer(self, key: tuple[Any, ...], like: Tensor, shape: tuple[int, ...]) -> Tensor:
-        """A work buffer reused across steps (fresh large allocations cost page faults every step)."""
-        buf = self._buffers.get(key)
-        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        """A work buffer reused across steps (fresh large allocations cost page faults every step).
+
+        Two shapes are kept per key: a schedule that flushes one micro-batch at a ``W`` and the rest
+        at the update (``zero_bubble`` with merged weight gradients) alternates two sizes every step;
+        more (inputs of varying length) replace the least recently used."""
+        kept = self._buffers.setdefault(key, {})
+        buf = kept.pop(shape, None)
+        if buf is None or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+        kept[shape] = buf  # most recently used last
+        while len(kept) > 2:
+            del kept[next(iter(kept))]
         return buf
 
     def flush(self, microbatch: Optional[int] = None) -> None:

@@ -208,15 +208,18 @@ def test_validate_rejects_a_misplaced_action(text: str, message: str) -> None:
 
 
 def test_validate_weight_gradients_without_w_are_the_updates():
-    """A stage may split some backwards and not others: the update computes the weight gradients
-    no W computed (merged); a W still needs its B before it and its batch's update after it, and
-    a stage without W actions may sit next to one with them (B is then the whole backward)."""
+    """A stage may split some backwards and not others, or none: the update computes the weight
+    gradients no W computed (merged); a W still needs its B before it and its batch's update after
+    it; a backward of the next batch comes after the update (which applies all kept so far)."""
     validate(sched("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0 1W0 1B1 1U0"), 2)
     validate(sched("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0 1W0 1B1 1W1 1U0"), 2)
     with pytest.raises(ScheduleError, match=r"Stage 1 updates batches \[\], not the batches it trains"):
         validate(sched("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0 1W0 1B1"), 2)
     with pytest.raises(ScheduleError, match=r"Weight gradient 1W1 comes after the update of its batch"):
         validate(sched("0: 0F0 0F1 0B0 0B1 0U0\n1: 1F0 1F1 1B0 1W0 1B1 1U0 1W1"), 2)
+    with pytest.raises(ScheduleError, match=r"Backward 1B2 of batch 1 comes before the update of batch 0"):
+        validate(sched("0: 0F0 0F1 0B0 0B1 0U0 0F2 0F3 0B2 0B3 0U1\n"
+                       "1: 1F0 1F1 1B0 1B1 1F2 1B2 1U0 1F3 1B3 1U1"), 2)  # fmt: skip
 
 
 def test_validate_missing_or_wrong_update():
@@ -233,7 +236,7 @@ def test_validate_action_on_wrong_stage():
 
 def test_validate_stages_disagree_on_microbatches():
     with pytest.raises(ScheduleError, match=r"Stage 1 runs micro-batches \[0\], stage 0 runs \[0, 1\]"):
-        validate(sched("0: 0F0 0F1 0B0 0B1 0U0 0U1\n1: 1F0 1B0 1U0"), 1)
+        validate(sched("0: 0F0 0B0 0U0 0F1 0B1 0U1\n1: 1F0 1B0 1U0"), 1)
 
 
 def test_validate_stage_numbering():

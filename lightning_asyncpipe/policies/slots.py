@@ -16,6 +16,8 @@ from typing import Any, Union
 
 from torch import Tensor, nn
 
+from lightning_asyncpipe.errors import AsyncPipeError
+
 __all__ = ["ParameterSlots"]
 
 
@@ -38,8 +40,26 @@ class ParameterSlots:
                     self.places[index[id(p)]].append((sub, leaf))
 
     def live(self) -> list[Any]:
-        """The tensors in the places now (the live parameters, outside :meth:`run`)."""
-        return [places[0][0]._parameters[places[0][1]] for places in self.places]
+        """The tensors in the places now (the live parameters, outside :meth:`run`).
+
+        Raises:
+            AsyncPipeError: if the stage's parameters changed places since they were found (a
+                parameter removed or renamed, e.g. by pruning, or a tie broken): the weight
+                versions a policy keeps are lists in this order and would no longer match.
+        """
+        out = []
+        for places in self.places:
+            sub, leaf = places[0]
+            t = sub._parameters.get(leaf)
+            if t is None or any(s._parameters.get(n) is not t for s, n in places[1:]):
+                raise AsyncPipeError(
+                    f"The stage's parameter {type(sub).__name__}.{leaf} changed place during training (removed, "
+                    "renamed, or a tie broken, e.g. by a pruning callback or load_state_dict(assign=True)). "
+                    "Policies that keep weight versions need the parameters of a stage to stay where they are; "
+                    "change the model before fit, or use a synchronous policy."
+                )
+            out.append(t)
+        return out
 
     def _put(self, tensors: Sequence[Tensor]) -> None:
         for places, t in zip(self.places, tensors):

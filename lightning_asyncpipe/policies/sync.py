@@ -58,10 +58,11 @@ class ZeroBubblePolicy(_Synchronous):
 
     Same result as GPipe: ``W(j)`` computes the ``nn.Linear`` weight gradients of micro-batch ``j``
     from the input and output gradient its ``B`` kept (:mod:`lightning_asyncpipe.wgrad`), and all
-    of a batch's ``W`` run before its update. Other layers' weight gradients (and every layer's
+    of a batch's ``W`` run before its update (which computes the rest, with ``merge_weight_grads``). Other layers' weight gradients (and every layer's
     with ``defer_weight_grad=False``) are computed in ``B``, as with 1F1B. With equal forward,
     input-gradient and weight-gradient times the bubble is a third of 1F1B's; every stage holds at
-    most ``p`` micro-batches' activations or kept ``(x, g)`` (stage 0's 1F1B peak).
+    most ``p`` micro-batches' activations or kept ``(x, g)`` (stage 0's 1F1B peak; ``m`` with
+    ``merge_weight_grads``).
     See :func:`lightning_asyncpipe.schedule.zero_bubble_h1` for the table.
 
     Args:

@@ -464,6 +464,19 @@ def test_parameter_slots_run_a_stage_on_other_weights_as_functional_call_does() 
         def forward(self, h: Tensor) -> Tensor:
             raise ValueError("boom")
 
+    # a stage whose parameters move during training (pruning, a tie broken) gets a clear error, not
+    # another layer's weights
+    from lightning_asyncpipe.errors import AsyncPipeError
+
+    tied[1].weight = nn.Parameter(torch.zeros(3, 4))
+    with pytest.raises(AsyncPipeError, match="changed place during training"):
+        slots.run(tied, other, (x,))
+    pruned = nn.Sequential(nn.Linear(4, 4))
+    pruned_slots = ParameterSlots(pruned)
+    torch.nn.utils.prune.l1_unstructured(pruned[0], "weight", 0.5)
+    with pytest.raises(AsyncPipeError, match="changed place during training"):
+        pruned_slots.live()
+
     failing = nn.Sequential(nn.Linear(4, 4), Boom())
     failing_slots = ParameterSlots(failing)
     before = list(failing.parameters())
