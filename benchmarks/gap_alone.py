@@ -12,7 +12,7 @@ stage, on the same work: an MLP of ``--layers`` x Linear(1024, 1024) (4: one sta
 transfers, so engine / floor is the cost of running the user's ``nn.Module`` through the engine:
 autograd, the policy, the deferred weight gradients, Python. Then both run once more under
 ``torch.profiler`` and the ops are listed by how much more self time the engine spends in them.
-Writes ``benchmarks/results/gap_alone_<policy>.{json,md}``.
+Writes ``benchmarks/results/gap_alone_<policy>[_<layers>x<width>].{json,md}``.
 """
 
 from __future__ import annotations
@@ -65,11 +65,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policy", default="pipedream_2bw")
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--width", type=int, default=throughput.WIDTH,
+                    help="layer width; a small one (16) leaves the kernels next to nothing: Python's cost")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
     throughput.LAYERS = floor.LAYERS = args.layers  # the model ends after --layers (the loss follows the last)
+    throughput.WIDTH = floor.WIDTH = args.width
     from lightning_asyncpipe.engine import PipelineEngine
 
     torch.set_num_threads(1)
@@ -94,8 +97,8 @@ def main() -> None:
     (f_ops, f_wall), (e_ops, e_wall) = profiled["floor"], profiled["engine"]
     f_in, e_in = sum(v[1] for v in f_ops.values()), sum(v[1] for v in e_ops.values())
     lines = [
-        f"`python benchmarks/gap_alone.py --policy {args.policy} --layers {args.layers} --rounds {args.rounds}`: "
-        f"MLP {args.layers} x Linear({throughput.WIDTH}, {throughput.WIDTH}), batch {throughput.BATCH}, "
+        f"`python benchmarks/gap_alone.py --policy {args.policy} --layers {args.layers} --width {args.width} "
+        f"--rounds {args.rounds}`: MLP {args.layers} x Linear({args.width}, {args.width}), batch {throughput.BATCH}, "
         f"{throughput.MICROBATCHES} micro-batches, one process, one thread; {args.warmup} warm-up + {args.steps} "
         f"timed steps per round, floor and engine alternating; {platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}.",
@@ -120,7 +123,8 @@ def main() -> None:
         lines.append(f"| `{k}` | {f[1]:.2f} (x{f[0]:.0f}) | {e[1]:.2f} (x{e[0]:.0f}) | {e[1] - f[1]:+.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    path = os.path.join(HERE, "results", f"gap_alone_{args.policy}")
+    suffix = "" if (args.layers, args.width) == (4, 1024) else f"_{args.layers}x{args.width}"
+    path = os.path.join(HERE, "results", f"gap_alone_{args.policy}{suffix}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".md", "w") as fh:
         fh.write(text)

@@ -173,8 +173,8 @@ def main() -> None:
     lines = [
         f"`python benchmarks/lightning_vs_raw.py --block {a.block} --rounds {a.rounds}`: MLP {LAYERS} x "
         f"Linear({WIDTH}, {WIDTH}), batch {BATCH}, {MICROBATCHES} micro-batches, 2 stages x 1 thread; per round "
-        f"{a.block} Lightning steps then {a.block} raw-engine steps in the same processes (one warm-up round "
-        f"first); step times are per-block medians of the slower stage. {platform.machine()}, {os.cpu_count()} "
+        f"{a.block} Lightning steps and {a.block} raw-engine steps in the same processes, the raw block first in "
+        f"even rounds and last in odd ones (one warm-up round first); step times are per-block medians of the slower stage. {platform.machine()}, {os.cpu_count()} "
         f"CPUs, torch {torch.__version__}; {time.perf_counter() - t0:.0f} s.",
         "",
         "| policy | Lightning step, ms (median of rounds) | raw step, ms | Lightning / raw per round | median "

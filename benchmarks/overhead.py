@@ -152,6 +152,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=3, help="engine/Lightning pairs, alternating which runs first")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--name", default=None, help="result file name (default overhead, overhead_gpt)")
     p.add_argument("--lightning-worker", default=None)
     p.add_argument("--prefix", default=None)
     a = p.parse_args()
@@ -211,7 +212,16 @@ def main() -> None:
                      f"{lt['step_ms']:.1f} ms | {lt['outside_ms']:.1f} ms | {extra:+.1f} ms ({100 * r['extra_share']:+.1f} %) | "
                      f"{100 * (lt['step_ms'] / e['step_ms'] - 1):+.1f} % | "
                      f"{100 * (lt['per_kind_ms']['UPDATE'] / e['per_kind_ms']['UPDATE'] - 1):+.1f} % |")  # fmt: skip
-    name = "overhead_gpt" if model != "MLP" else "overhead"
+    lines += ["", "Per step, medians over rounds: minor page faults and involuntary context switches "
+              "(getrusage over the timed steps).", "",
+              "| policy | stage | page faults, engine / Lightning | involuntary switches, engine / Lightning |",
+              "|---|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        e, lt = r["engine"], r["lightning"]
+        lines.append(f"| {r['policy']} | {r['stage']} | {e['minor_faults_per_step']:.0f} / "
+                     f"{lt['minor_faults_per_step']:.0f} | {e['invol_switches_per_step']:.1f} / "
+                     f"{lt['invol_switches_per_step']:.1f} |")  # fmt: skip
+    name = a.name or ("overhead_gpt" if model != "MLP" else "overhead")
     with open(os.path.join(a.out, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(a.out, f"{name}.json"), "w") as f:
