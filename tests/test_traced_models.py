@@ -1,5 +1,5 @@
 """Modules written the usual way, pipelined unchanged (issue 14), under gpipe, pipedream_flush and
-zero_bubble on 2, 3 and 4 processes (one launch per process count trains every case):
+zero_bubble (also with merged weight gradients) on 2, 3 and 4 processes (one launch per process count trains every case):
 
 - a nanoGPT-style GPT (a ``ModuleList`` of blocks inside a ``ModuleDict``, the LM head tied to the
   token embedding, the loss computed in the model's forward from ``targets``) equals a plain
@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow  # this file takes 40 s or more on 2 cores
 
 # zero_bubble: the GPT's LayerNorms and embeddings and the ResNet's convolutions and BatchNorms
 # cannot defer their weight gradients (computed in B), the linear layers compute theirs in W
-POLICIES = ["gpipe", "pipedream_flush", "zero_bubble"]
+# (zero_bubble_merged: zero_bubble with merge_weight_grads=True, most of them at the update)
+POLICIES = ["gpipe", "pipedream_flush", "zero_bubble", "zero_bubble_merged"]
 
 
 @pytest.fixture(scope="module")

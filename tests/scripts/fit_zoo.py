@@ -23,6 +23,8 @@ from tests.helpers.zoo import GPTModule, ResNetModule, image_loader, token_loade
 torch.set_num_threads(1)
 MODELS = {"gpt": (GPTModule, token_loader), "resnet": (ResNetModule, image_loader)}
 MICROBATCHES = 4
+# names the tests use for a policy with options
+VARIANTS = {"zero_bubble_merged": ("zero_bubble", {"merge_weight_grads": True})}
 
 
 def fit(out: str, name: str, devices: int, policy: str) -> None:
@@ -35,7 +37,8 @@ def fit(out: str, name: str, devices: int, policy: str) -> None:
         options: dict = {"accumulate_grad_batches": MICROBATCHES} if name == "resnet" else {}
         loader = data(batch_size=8 // MICROBATCHES) if name == "resnet" else loader
     else:  # and a consolidated checkpoint at the end of fit, written from the stages
-        options = {"strategy": AsyncPipeStrategy(policy=policy, microbatches=MICROBATCHES),
+        base, policy_options = VARIANTS.get(policy, (policy, {}))
+        options = {"strategy": AsyncPipeStrategy(policy=base, microbatches=MICROBATCHES, policy_options=policy_options),
                    "callbacks": [ModelCheckpoint(os.path.join(out, f"{name}-{devices}-{policy}"), save_last=True,
                                                  save_top_k=0)]}  # fmt: skip
     trainer = L.Trainer(
