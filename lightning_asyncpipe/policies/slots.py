@@ -61,7 +61,8 @@ class ParameterSlots:
             out.append(t)
         return out
 
-    def _put(self, tensors: Sequence[Tensor]) -> None:
+    def put(self, tensors: Sequence[Tensor]) -> None:
+        """Put ``tensors`` (in :meth:`live`'s order) in the parameters' places."""
         for places, t in zip(self.places, tensors):
             for sub, leaf in places:
                 sub._parameters[leaf] = t  # type: ignore[assignment]
@@ -73,8 +74,8 @@ class ParameterSlots:
         live = self.live()
         if isinstance(weights, Mapping):
             weights = [weights.get(n, p) for n, p in zip(self.names, live)]
-        self._put(weights)
+        self.put(weights)
         try:
             return module(*inputs)
         finally:
-            self._put(live)
+            self.put(live)

@@ -27,9 +27,9 @@ class StashingPolicy(WeightPolicy):
     """Base of the policies whose forward and backward of a micro-batch use the same version.
 
     Subclasses define :meth:`forward_version`; the base keeps the versions alive, runs forwards
-    on old versions (their tensors put in the parameters' places, :meth:`WeightPolicy.slots`), folds
-    gradients of old versions into
-    the live parameters and decides at each update whether the live version must be stashed.
+    on old versions (their tensors put in the parameters' places, :meth:`WeightPolicy.slots`),
+    folds gradients of old versions into the live parameters and decides at each update whether
+    the live version must be stashed.
     """
 
     def __init__(self) -> None:
@@ -91,18 +91,14 @@ class StashingPolicy(WeightPolicy):
         """Hand the live parameters over to the stash and give the module and optimizer copies
         (written into ``recycle``, the storage of a version just released, when there is one:
         double buffering without allocating)."""
-        assert self.module is not None
-        old = list(self.module.parameters())
+        old = self.slots().live()
         swap: dict[int, nn.Parameter] = {}
         for i, param in enumerate(old):
             data = recycle[i].detach().copy_(param.detach()) if recycle is not None else param.detach().clone()
             fresh = nn.Parameter(data, requires_grad=param.requires_grad)
             fresh.grad, param.grad = param.grad, None
             swap[id(param)] = fresh
-        for module in self.module.modules():  # every name a parameter has (a tie inside the stage)
-            for leaf, param in module._parameters.items():
-                if param is not None and id(param) in swap:
-                    module._parameters[leaf] = swap[id(param)]
+        self.slots().put(list(swap.values()))  # every place a parameter has (a tie inside the stage)
         if self.optimizer is not None:
             for group in self.optimizer.param_groups:
                 group["params"] = [swap.get(id(p), p) for p in group["params"]]
