@@ -74,6 +74,13 @@ class StageModule(nn.Module):
     ``training_step``), the pipeline installs a ``call_handler`` that decides what the call means
     on this stage: capture the call's arguments, or hand back the pipeline's output on the last
     stage. Indexing and iterating go over its top-level children, as for an ``nn.Sequential``.
+
+    The rest of the user's module stays reachable through it, as user code expects of
+    ``self.model``: its plain attributes (``self.model.config``, ``self.model.num_classes``; read
+    and written on the whole module) and the methods and properties of its class, run on this
+    stage's part (nanoGPT's ``self.model.configure_optimizers(...)`` groups this stage's
+    parameters, the ones the stage's optimizer may hold). A submodule, parameter or buffer that
+    another stage holds is refused with a clear error instead of handing out its ``meta`` copy.
     """
 
     def __init__(self, stage: int, n_stages: int, attr: str, whole: nn.Module) -> None:
@@ -99,6 +106,39 @@ class StageModule(nn.Module):
         if self.program is None:
             raise AsyncPipeError(f"Stage {self.stage} has no program to run (the pipeline selects one per call).")
         return self.program(self, *inputs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # this stage's submodules, parameters and buffers
+        except AttributeError:
+            whole = self.__dict__.get("_whole")
+            if whole is None:
+                raise
+        if name in whole.__dict__:  # the user's plain attributes (config, num_classes)
+            return whole.__dict__[name]
+        for klass in type(whole).__mro__:  # its class's methods and properties, bound to this stage
+            if klass is nn.Module:
+                break
+            if name in vars(klass):
+                found = vars(klass)[name]
+                if isinstance(found, classmethod):
+                    return found.__get__(whole, type(whole))
+                return found.__get__(self, type(self)) if hasattr(found, "__get__") else found
+        if name in whole._modules or name in whole._parameters or name in whole._buffers:
+            raise AttributeError(
+                f"'{self.attr}.{name}' is not on stage {self.stage}: this process holds only stage {self.stage} of "
+                f"'{self.attr}' ({', '.join(self._modules) or 'no submodules'}). Reach other stages' layers after fit "
+                "(the whole module is restored then), or through the pipeline (call the module once per step)."
+            )
+        raise AttributeError(f"'{type(whole).__name__}' object has no attribute '{name}'")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        whole = self.__dict__.get("_whole")
+        if (whole is not None and name in whole.__dict__ and name not in self.__dict__
+                and not isinstance(value, (nn.Module, Tensor))):  # fmt: skip
+            setattr(whole, name, value)  # a plain attribute of the user's module: one copy, kept after fit
+        else:
+            super().__setattr__(name, value)
 
     def __getitem__(self, index: int) -> nn.Module:
         return list(self._modules.values())[index]  # type: ignore[return-value]

@@ -52,7 +52,7 @@ class LogRecorder:
     """Stands in for ``LightningModule.log`` while user steps run per micro-batch."""
 
     def __init__(self) -> None:
-        self._calls: dict[str, list[tuple[float, Any]]] = {}
+        self._calls: dict[str, list[tuple[float, Any, Any]]] = {}
         self._kwargs: dict[str, dict[str, Any]] = {}
         self.weight = 1.0
         self.enabled = True
@@ -61,7 +61,7 @@ class LogRecorder:
         if args:
             raise PipelineConfigError("AsyncPipeStrategy records self.log calls: pass options by keyword, e.g. prog_bar=True.")
         if self.enabled:
-            self._calls.setdefault(name, []).append((self.weight, value))
+            self._calls.setdefault(name, []).append((self.weight, value, kwargs.get("batch_size")))
             self._kwargs.setdefault(name, kwargs)
 
     def pop(self) -> list[LogRecord]:
@@ -69,12 +69,14 @@ class LogRecorder:
         records = []
         for name, calls in self._calls.items():
             kwargs = dict(self._kwargs[name])
-            values = [v for _, v in calls]
+            values = [v for _, v, _ in calls]
             if all(isinstance(v, (Tensor, float, int)) and not isinstance(v, bool) for v in values):
-                total = sum(w for w, _ in calls)
-                value: Any = sum(w * torch.as_tensor(v, dtype=torch.float32).detach() for w, v in calls) / total
-                if "batch_size" in kwargs:
-                    kwargs["batch_size"] = sum(int(self._kwargs[name]["batch_size"]) for _ in calls)
+                total = sum(w for w, _, _ in calls)
+                value: Any = sum(w * torch.as_tensor(v, dtype=torch.float32).detach() for w, v, _ in calls) / total
+                sizes = [size for _, _, size in calls]
+                # None (what log_dict passes when not given) lets Lightning infer it from the batch
+                if all(size is not None for size in sizes):
+                    kwargs["batch_size"] = sum(int(size) for size in sizes)
             else:
                 value = values[-1]
             records.append(LogRecord(name, value, kwargs))

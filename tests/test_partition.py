@@ -253,6 +253,60 @@ def test_partition_with_explicit_balance_and_attr():
     assert list(module.state_dict()) == ["body.1.weight", "body.1.bias", "body.2.weight", "body.2.bias"]
 
 
+class Classifier(nn.Module):
+    """A network as projects write one: its settings as attributes, helper methods and properties."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.encoder = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+    def decay_groups(self, weight_decay: float) -> list[dict]:
+        named = dict(self.named_parameters())
+        return [{"params": [p for p in named.values() if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in named.values() if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Classifier":
+        return cls(**config)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_stage_module_keeps_the_users_attributes_and_methods(stage):
+    """``self.model.num_classes`` and ``self.model.configure_optimizers(...)`` (nanoGPT) in user code:
+    attributes read and written on the whole module, methods run on this stage's part."""
+    holder = nn.Module()
+    holder.model = Classifier()
+    whole = holder.model
+    part = partition_module(holder, 2, stage, attr="model", example=((torch.randn(2, 4),), {}))
+    local = holder.model
+    assert isinstance(local, StageModule)
+    assert local.num_classes == 3
+    local.num_classes = 5  # one copy: the whole module's, which fit puts back
+    assert whole.num_classes == 5 and local.num_classes == 5 and "num_classes" not in vars(local)
+    groups = local.decay_groups(0.1)  # bound to this stage: only its own parameters, none on meta
+    held = list(local.parameters())
+    assert held and sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in held)
+    assert not any(p.is_meta for g in groups for p in g["params"])
+    assert local.n_params == sum(p.numel() for p in held) < sum(p.numel() for p in whole.parameters())
+    assert type(local.from_config({"num_classes": 2})) is Classifier
+    if stage == 0:  # encoder.0, encoder.1 here; encoder.2 and the head on stage 1
+        with pytest.raises(AttributeError, match=r"'model\.head' is not on stage 0: this process holds only stage 0"):
+            local.head  # noqa: B018
+    with pytest.raises(AttributeError, match="'Classifier' object has no attribute 'nothing'"):
+        local.nothing  # noqa: B018
+    assert not hasattr(local, "nothing")
+    assert part.local is local
+
+
 def test_partition_keeps_training_mode():
     model = Holder(4)
     model.eval()

@@ -3,7 +3,9 @@
 - :class:`GPT`: nanoGPT's model.py (Karpathy), condensed: token and position embeddings, a
   ``nn.ModuleList`` of pre-norm blocks inside a ``nn.ModuleDict``, a custom LayerNorm with optional
   bias, causal self-attention through ``scaled_dot_product_attention``, an LM head tied to the token
-  embedding, ``forward(idx, targets=None)`` returning ``(logits, loss)``.
+  embedding, ``forward(idx, targets=None)`` returning ``(logits, loss)``, and its own
+  ``configure_optimizers(weight_decay, learning_rate, betas, device_type)`` that the
+  LightningModule calls through ``self.model`` (as nanoGPT's Lightning ports do).
 - :class:`ResNet`: torchvision's resnet.py, condensed: ``BasicBlock`` with BatchNorm, in-place ReLU,
   a 1x1 downsample on the skip path, ``_make_layer`` Sequentials, adaptive average pooling.
 - :class:`SkipNet`: a U-Net-like encoder/decoder whose skip connections jump over whole stages,
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -125,6 +128,29 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # start with all of the candidate parameters
+        param_dict = {pn: p for pn, p in self.named_parameters()}
+        # filter out those that do not require grad
+        param_dict = {pn: p for pn, p in param_dict.items() if p.requires_grad}
+        # create optim groups. Any parameters that is 2D will be weight decayed, otherwise no.
+        decay_params = [p for n, p in param_dict.items() if p.dim() >= 2]
+        nodecay_params = [p for n, p in param_dict.items() if p.dim() < 2]
+        optim_groups = [
+            {"params": decay_params, "weight_decay": weight_decay},
+            {"params": nodecay_params, "weight_decay": 0.0},
+        ]
+        fused_available = "fused" in inspect.signature(torch.optim.AdamW).parameters
+        use_fused = fused_available and device_type == "cuda"
+        extra_args = dict(fused=True) if use_fused else dict()
+        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
 
     def forward(self, idx, targets=None):
         device = idx.device
@@ -258,7 +284,8 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 class GPTModule(L.LightningModule):
     """A nanoGPT in Lightning, as such projects write it: the GPT in ``self.model``, the loss from
     the model's own forward, AdamW with weight decay on matrices only (nanoGPT's
-    ``configure_optimizers``).
+    ``configure_optimizers``, called through ``self.model``), the model's ``config`` read in the
+    step, the loss logged with ``log_dict``.
 
     ``bias=False`` (nanoGPT's option): with biases, the key projection's bias has an exactly zero
     gradient (softmax ignores a shift of all scores), so its float32 gradient is rounding noise
@@ -275,8 +302,9 @@ class GPTModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         idx, targets = batch
+        assert idx.size(1) <= self.model.config.block_size
         _, loss = self(idx, targets)
-        self.log("train_loss", loss)
+        self.log_dict({"train_loss": loss})
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -285,11 +313,7 @@ class GPTModule(L.LightningModule):
         self.log("val_loss", loss)
 
     def configure_optimizers(self):
-        params = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
-        decay = [p for p in params.values() if p.dim() >= 2]
-        no_decay = [p for p in params.values() if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=(0.9, 0.95))
+        return self.model.configure_optimizers(0.1, self.hparams.lr, (0.9, 0.95), self.device.type)
 
 
 def token_loader(n: int = 48, t: int = 12, batch_size: int = 8, seed: int = 0) -> DataLoader:
