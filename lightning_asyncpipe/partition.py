@@ -51,6 +51,7 @@ from lightning_asyncpipe.locate import (
     find_pipelined,
     find_units,
 )
+from lightning_asyncpipe.policies.slots import put_parameter
 from lightning_asyncpipe.split import StageProgram, called_modules, install, meta_values, resolve, split_graph
 
 __all__ = [
@@ -351,12 +352,27 @@ def _release(root: nn.Module, keep: set[int]) -> None:
     parameters stay one object). Non-persistent buffers (causal masks, rotary frequencies) stay:
     no state dict carries them back to the whole module after fit or into a checkpoint's net."""
     for m in root.modules():
-        for name, p in m._parameters.items():
+        for name, p in list(m._parameters.items()):
             if p is not None and id(p) not in keep and not p.is_meta:
-                torch.utils.swap_tensors(p, nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad))
+                _swap_parameter(root, p, nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad))
         for name, b in m._buffers.items():
             if b is not None and id(b) not in keep and not b.is_meta and name not in m._non_persistent_buffers_set:
                 m._buffers[name] = torch.empty_like(b, device="meta")
+
+
+def _swap_parameter(root: nn.Module, p: nn.Parameter, new: nn.Parameter) -> None:
+    """Make ``p`` hold ``new``'s data in place (ties stay one object); a parameter something holds a
+    weak reference to (a recurrent layer's flat weights) cannot be swapped in place: ``new`` then
+    takes its places in ``root`` instead."""
+    try:
+        torch.utils.swap_tensors(p, new)
+    except RuntimeError as err:
+        if "weakref" not in str(err):
+            raise
+        for m in root.modules():
+            for name, q in list(m._parameters.items()):
+                if q is p:
+                    put_parameter(m, name, new)
 
 
 def _set_submodule(module: nn.Module, attr: str, value: nn.Module) -> None:
@@ -377,7 +393,7 @@ def materialize(module: nn.Module, state: Mapping[str, Tensor], prefix: str, dev
             found = state.get(f"{prefix}{owner}.{name}" if owner else f"{prefix}{name}")
             fresh = torch.zeros_like(t, device=device, dtype=found.dtype if found is not None else t.dtype)
             if name in m._parameters:
-                torch.utils.swap_tensors(t, nn.Parameter(fresh, t.requires_grad))
+                _swap_parameter(module, t, nn.Parameter(fresh, t.requires_grad))
             else:
                 m._buffers[name] = fresh
 
@@ -393,6 +409,6 @@ def restore_module(module: nn.Module, part: Partition, full_state: Mapping[str, 
         param = part.original.get_parameter(names[0])
         for name in names[1:]:
             owner, _, leaf = name.rpartition(".")
-            part.original.get_submodule(owner)._parameters[leaf] = param
+            put_parameter(part.original.get_submodule(owner), leaf, param)
     prefix = part.attr + "."
     part.original.load_state_dict({k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)})

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_asyncpipe.policies.slots import put_parameter
 from lightning_asyncpipe.topology import Topology
 from lightning_asyncpipe.wgrad import grad_into_live
 
@@ -121,7 +122,7 @@ class _Mirror:
                 self.param.copy_(self.current())
         for module, name in self.places:
             del module._buffers[name]
-            module._parameters[name] = self.param
+            put_parameter(module, name, self.param)
 
 
 class SharedParameters:

@@ -18,7 +18,18 @@ from torch import Tensor, nn
 
 from lightning_asyncpipe.errors import AsyncPipeError
 
-__all__ = ["ParameterSlots"]
+__all__ = ["ParameterSlots", "put_parameter"]
+
+
+def put_parameter(module: nn.Module, name: str, value: Any) -> None:
+    """Put ``value`` in ``module``'s parameter place ``name`` (it need not be a ``Parameter``: a
+    weight version). Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) run on their own list
+    of their weights, kept up to date here as their ``__setattr__`` does (else they re-read it at
+    their next call and hold the replaced tensor alive until then)."""
+    module._parameters[name] = value
+    names = module.__dict__.get("_flat_weights_names")
+    if names is not None and name in names:
+        module.__dict__["_flat_weights"][names.index(name)] = value
 
 
 class ParameterSlots:
@@ -65,7 +76,7 @@ class ParameterSlots:
         """Put ``tensors`` (in :meth:`live`'s order) in the parameters' places."""
         for places, t in zip(self.places, tensors):
             for sub, leaf in places:
-                sub._parameters[leaf] = t  # type: ignore[assignment]
+                put_parameter(sub, leaf, t)
 
     def run(self, module: nn.Module, weights: Union[Sequence[Tensor], Mapping[str, Tensor]],
             inputs: tuple[Any, ...]) -> Any:  # fmt: skip

@@ -8,6 +8,7 @@
   LightningModule calls through ``self.model`` (as nanoGPT's Lightning ports do).
 - :class:`ResNet`: torchvision's resnet.py, condensed: ``BasicBlock`` with BatchNorm, in-place ReLU,
   a 1x1 downsample on the skip path, ``_make_layer`` Sequentials, adaptive average pooling.
+- :class:`LSTMClassifier`: embedding, a two-layer ``nn.LSTM``, the final hidden state, a head.
 - :class:`SkipNet`: a U-Net-like encoder/decoder whose skip connections jump over whole stages,
   with keyword arguments, an optional mask and integer tensors.
 """
@@ -249,6 +250,26 @@ class ResNet(nn.Module):
         return x
 
 
+class LSTMClassifier(nn.Module):
+    """A text classifier as tutorials write one: embedding, a two-layer ``nn.LSTM`` (its weights kept
+    in the layer's own flat list, held by weak reference), the last layer's final hidden state, a
+    linear head; ``num_classes`` kept as an attribute."""
+
+    def __init__(self, vocab_size: int = 32, embed_dim: int = 8, hidden_dim: int = 12, num_classes: int = 4,
+                 num_layers: int = 2) -> None:  # fmt: skip
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        self.lstm = nn.LSTM(embed_dim, hidden_dim, num_layers=num_layers, batch_first=True)
+        self.proj = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.ReLU())
+        self.fc = nn.Linear(hidden_dim, num_classes)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        emb = self.embedding(input_ids)
+        _, (h, _) = self.lstm(emb)
+        return self.fc(self.proj(h[-1]))
+
+
 class SkipNet(nn.Module):
     """Encoder -> middle -> decoder with skips from each encoder level to its decoder level (each
     skip crosses the stages in between), a keyword mask, integer positions and two outputs."""
@@ -350,3 +371,33 @@ def image_loader(n: int = 48, batch_size: int = 8, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     return DataLoader(TensorDataset(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)),
                       batch_size=batch_size)  # fmt: skip
+
+
+class LSTMModule(L.LightningModule):
+    """A sequence classifier in Lightning: the network in ``self.net``, the class count read from it,
+    cross-entropy, Adam, the loss logged with ``log_dict``."""
+
+    def __init__(self, lr: float = 0.01) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = LSTMClassifier()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits.view(-1, self.net.num_classes), y)
+        self.log_dict({"train_loss": loss})
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+def sequence_loader(n: int = 48, t: int = 10, batch_size: int = 8, seed: int = 0) -> DataLoader:
+    """Random token sequences whose class is their first token modulo 4."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, 32, (n, t), generator=g)
+    return DataLoader(TensorDataset(x, x[:, 0] % 4), batch_size=batch_size)

@@ -483,3 +483,29 @@ def test_parameter_slots_run_a_stage_on_other_weights_as_functional_call_does() 
     with pytest.raises(ValueError, match="boom"):
         failing_slots.run(failing, [torch.zeros(4, 4), torch.zeros(4)], (x,))
     assert all(a is b for a, b in zip(failing.parameters(), before))
+
+
+def test_parameter_slots_run_a_recurrent_layer_on_other_weights() -> None:
+    """nn.LSTM runs on its own flat list of its weights (torch re-reads ``_parameters`` into it when
+    it notices other objects there, and until then keeps the last version it ran alive):
+    ``put_parameter`` keeps the list current. The same LSTM with the other weights loaded is the
+    reference."""
+    from lightning_asyncpipe.policies.slots import ParameterSlots
+
+    torch.manual_seed(0)
+    stage = nn.Sequential(nn.LSTM(3, 5, num_layers=2, batch_first=True))
+    slots = ParameterSlots(stage)
+    live = list(stage.parameters())
+    other = [p.detach() + 0.1 * torch.randn_like(p) for p in live]
+    reference = nn.LSTM(3, 5, num_layers=2, batch_first=True)
+    reference.load_state_dict({n.removeprefix("0."): o for n, o in zip(slots.names, other)})
+    x = torch.randn(2, 4, 3)
+
+    out, (h, c) = slots.run(stage, other, (x,))
+    want, (h_want, c_want) = reference(x)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(h, h_want, rtol=0, atol=0)
+    # and back on the live weights afterwards, in both places
+    assert all(a is b for a, b in zip(stage[0]._flat_weights, live))
+    assert all(a is b for a, b in zip(stage.parameters(), live))
+    assert not torch.equal(stage(x)[0], want)

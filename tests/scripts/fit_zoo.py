@@ -18,10 +18,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from lightning_asyncpipe import AsyncPipeStrategy  # noqa: E402
 from tests.helpers.models import MemoryLogger  # noqa: E402
-from tests.helpers.zoo import GPTModule, ResNetModule, image_loader, token_loader  # noqa: E402
+from tests.helpers.zoo import GPTModule, LSTMModule, ResNetModule, image_loader, sequence_loader, token_loader  # noqa: E402
 
 torch.set_num_threads(1)
-MODELS = {"gpt": (GPTModule, token_loader), "resnet": (ResNetModule, image_loader)}
+MODELS = {"gpt": (GPTModule, token_loader), "resnet": (ResNetModule, image_loader), "lstm": (LSTMModule, sequence_loader)}
 MICROBATCHES = 4
 # names the tests use for a policy with options
 VARIANTS = {"zero_bubble_merged": ("zero_bubble", {"merge_weight_grads": True})}
