@@ -9,6 +9,11 @@ and skips the batches already trained, by reading them: exact for any loader who
 depends only on its sampler's generator or epoch (``shuffle=False``, a ``RandomSampler``, which
 the strategy seeds identically on every stage, ``DistributedSampler``), at the cost of loading
 the skipped batches once.
+
+Lightning restores a loader's state only when it counts the resume as a restart: not when the
+checkpoint was saved at the end of an epoch in epoch-based training (no ``max_steps``). Then the
+generator would keep its fresh seed and the next epochs would draw the first epochs' orders
+again; ``unrestored`` lets the strategy hand such a state over when the loader is first iterated.
 """
 
 from __future__ import annotations
@@ -33,11 +38,15 @@ class ResumableLoader:
         loader: the training ``DataLoader`` (or any sized iterable).
         position: tells how far the current epoch got (from the trainer's progress counters,
             which count batches trained, not the ones prefetched).
+        unrestored: returns, once, a state saved for this loader that Lightning did not load
+            (``None`` otherwise); asked each time the loader is iterated.
     """
 
-    def __init__(self, loader: Any, position: Position) -> None:
+    def __init__(self, loader: Any, position: Position,
+                 unrestored: Optional[Callable[["ResumableLoader"], Optional[Mapping[str, Any]]]] = None) -> None:  # fmt: skip
         self.loader = loader
         self._position = position
+        self._unrestored = unrestored
         self._skip = 0
         self._epoch_start: Optional[torch.Tensor] = None
 
@@ -54,6 +63,9 @@ class ResumableLoader:
         return generator if isinstance(generator, torch.Generator) else None
 
     def __iter__(self) -> Iterator[Any]:
+        state = self._unrestored(self) if self._unrestored is not None else None
+        if state is not None:
+            self.load_state_dict(state)
         generator = self._generator()
         self._epoch_start = generator.get_state() if generator is not None else None
         iterator = iter(self.loader)

@@ -65,8 +65,30 @@ class LaunchGlue:
         if training and not policy_class(self.policy_name).synchronous:
             self._check_last_batch(dataloader)
         if training and not isinstance(dataloader, _Stateful) and hasattr(dataloader, "__len__"):
-            return ResumableLoader(dataloader, self._data_position)
+            return ResumableLoader(dataloader, self._data_position, self._unrestored_loader_state)
         return dataloader
+
+    def _unrestored_loader_state(self, loader: ResumableLoader) -> Optional[dict[str, Any]]:
+        """The state the checkpoint holds for ``loader`` if Lightning skipped loading it: it loads the
+        training loaders' states only when it counts the resume as a restart, not from a checkpoint
+        saved at the end of an epoch in epoch-based training, where the sampler's generator must
+        still continue from the saved state (else the next epochs repeat the first ones' orders)."""
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None:
+            return None
+        fit_loop = trainer.fit_loop
+        states = fit_loop._combined_loader_states_to_load
+        combined = fit_loop._combined_loader
+        if not states or fit_loop.restarting or combined is None:
+            return None  # nothing saved, or Lightning loads it itself
+        stateful = [dl for dl in combined.flattened if isinstance(dl, _Stateful)]
+        if loader not in stateful or len(stateful) != len(states):
+            return None
+        i = stateful.index(loader)
+        state, states[i] = states[i], {}  # handed over once
+        if not any(states):
+            fit_loop._combined_loader_states_to_load = []
+        return state or None
 
     def _check_last_batch(self, dataloader: Any) -> None:
         """Asynchronous policies: a training loader whose last batch holds fewer samples than

@@ -1,9 +1,12 @@
-"""Exact mid-epoch resume for every policy (issue 6, point 1).
+"""Exact mid-epoch resume for every policy (issue 6, point 1), and from an epoch's end.
 
 One launch trains each policy for 14 steps (3 stages, 3 micro-batches, 6 shuffled batches an
 epoch, StepLR) with ModelCheckpoint(every_n_train_steps=4); a second launch, in fresh processes,
 resumes each from a mid-epoch checkpoint (step 4: batch 4 of epoch 0, or step 8: batch 2 of epoch
-1) and must end with the weights of the uninterrupted run. Both runs checkpoint at the same steps:
+1) and must end with the weights of the uninterrupted run. ``pipedream_2bw_epochs`` trains 3 epochs
+(no ``max_steps``) with a checkpoint at each epoch's end and resumes from the first: Lightning
+does not restore a loader's state when the checkpoint's epoch is finished, and before the strategy
+restored it the resumed epochs drew epoch 0's order again. Both runs checkpoint at the same steps:
 a checkpoint drains the pipeline (docs/user_guide.md), so the drain is part of the run. Two
 controls resume from doctored checkpoints and must differ: without the data position (the
 epoch's batches start over) and without PipeMare's policy state (velocity, update counter).
@@ -20,9 +23,11 @@ from tests.helpers.launch import run_script
 
 pytestmark = pytest.mark.slow  # this file takes 40 s or more on 2 cores
 
-CASES = ["pipedream_flush", "pipedream", "pipedream_vsync", "pipedream_2bw", "pipemare", "pipelined_backprop"]
+CASES = ["pipedream_flush", "pipedream", "pipedream_vsync", "pipedream_2bw", "pipemare", "pipelined_backprop",
+         "pipedream_2bw_epochs"]  # fmt: skip
 RESUME_STEP = {name: 4 if i % 2 == 0 else 8 for i, name in enumerate(CASES)}
-CKPT = {4: "epoch=0-step=4.ckpt", 8: "epoch=1-step=8.ckpt"}
+RESUME_STEP["pipedream_2bw_epochs"] = 6  # the end of epoch 0, in epoch-based training
+CKPT = {4: "epoch=0-step=4.ckpt", 8: "epoch=1-step=8.ckpt", 6: "epoch=0-step=6.ckpt"}
 
 
 def _doctor(src, dst, drop) -> None:

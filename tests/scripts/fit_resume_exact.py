@@ -2,7 +2,8 @@
 
 Usage: python fit_resume_exact.py OUT_DIR MODE
   MODE full:   for each policy, 14 steps (6 batches an epoch, shuffled) with a checkpoint every 4
-               steps; final weights in OUT_DIR/<name>/full.pt
+               steps (cases ending in _epochs: 3 epochs, a checkpoint at each epoch's end); final
+               weights in OUT_DIR/<name>/full.pt
   MODE resume: for each policy, resume OUT_DIR/<name>/resume_from.ckpt (chosen by the test) in
                these fresh processes and run to step 14; final weights in OUT_DIR/<name>/resumed.pt
   Further arguments name the cases to run (default: all); ``NAME=FOLDER`` runs case NAME in
@@ -31,7 +32,11 @@ CASES = {
     "pipedream_2bw": ("pipedream_2bw", {}),
     "pipemare": ("pipemare", {"anneal_updates": 20}),
     "pipelined_backprop": ("pipelined_backprop", {}),
+    # epoch-based training (max_epochs, no max_steps) with a checkpoint at each epoch's end: Lightning
+    # does not count resuming a finished epoch as restarting and skips the loader's state
+    "pipedream_2bw_epochs": ("pipedream_2bw", {}),
 }
+EPOCHS = 3  # the _epochs cases: 3 epochs of 6 batches
 
 
 def run(out: str, case: str, resume: bool) -> None:
@@ -40,10 +45,12 @@ def run(out: str, case: str, resume: bool) -> None:
     folder = os.path.join(out, folder_name or name)
     L.seed_everything(7)
     model = SeqRegressor(optimizer="sgd", lr=0.08, depth=4)
-    ckpt = ModelCheckpoint(dirpath=os.path.join(folder, "resumed" if resume else "ckpt"), every_n_train_steps=4,
-                           save_top_k=-1)  # fmt: skip
+    epochs = name.endswith("_epochs")
+    every = {"every_n_epochs": 1} if epochs else {"every_n_train_steps": 4}
+    ckpt = ModelCheckpoint(dirpath=os.path.join(folder, "resumed" if resume else "ckpt"), save_top_k=-1, **every)
+    length = {"max_epochs": EPOCHS} if epochs else {"max_steps": MAX_STEPS}
     trainer = L.Trainer(
-        accelerator="cpu", devices=DEVICES, max_steps=MAX_STEPS, callbacks=[ckpt], logger=False,
+        accelerator="cpu", devices=DEVICES, **length, callbacks=[ckpt], logger=False,
         strategy=AsyncPipeStrategy(policy=policy, microbatches=MICROBATCHES, policy_options=options),
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
     )  # fmt: skip
