@@ -227,6 +227,10 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
             _optimizers_to_device(self.optimizers, self.root_device)
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm  # type: ignore[method-assign]
         self._policy = get_policy(self.policy_name, **self.policy_options)
+        if topo.n_replicas == 1:
+            # Lightning advises sync_dist=True for epoch-level tensors whenever torch.distributed is
+            # up; the stages of one pipeline share one batch, there is nothing to accumulate
+            warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\(.*sync_dist=True\)`")
         if not self._policy.synchronous:
             # by design the first update of an asynchronous stage comes after the scheduler's first step
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")

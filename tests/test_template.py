@@ -27,7 +27,16 @@ def out(tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("template")
     result = run_script("fit_template.py", folder, 2, *POLICIES, "plain", timeout=300)
     assert result.returncode == 0, result.output[-5000:]
+    (folder / "output.txt").write_text(result.output)
     return folder
+
+
+def test_no_advice_to_sync_across_devices_with_one_replica(out) -> None:
+    """Lightning advises ``sync_dist=True`` for epoch-level tensors whenever torch.distributed is
+    up; with one replica the stages hold one batch between them, nothing to accumulate across
+    processes, and the template's ``sync_dist=True`` value got the advice too."""
+    output = (out / "output.txt").read_text()
+    assert "It is recommended to use `self.log(" not in output
 
 
 def _seen(out, policy: str) -> list[dict]:
