@@ -51,8 +51,9 @@ from lightning_asyncpipe.locate import (
     find_pipelined,
     find_units,
 )
-from lightning_asyncpipe.policies.slots import put_parameter
-from lightning_asyncpipe.split import StageProgram, called_modules, install, meta_values, resolve, split_graph
+from lightning_asyncpipe.split import (
+    StageProgram, called_modules, install, meta_values, put_parameter, resolve, split_graph,
+)
 
 __all__ = [
     "StageModule",

@@ -41,8 +41,8 @@ from torch.nn.utils import stateless
 from lightning_asyncpipe.capture import Captured
 from lightning_asyncpipe.errors import PipelineConfigError
 
-__all__ = ["StageProgram", "Split", "split_graph", "called_modules", "stage_module", "install", "resolve",
-           "meta_values"]
+__all__ = ["StageProgram", "Split", "split_graph", "called_modules", "stage_module", "install", "put_parameter",
+           "resolve", "meta_values"]
 
 
 @dataclass
@@ -269,6 +269,17 @@ def resolve(module: nn.Module, qualname: str) -> Any:
     """``module``'s attribute (submodule, parameter, buffer) by dotted name."""
     owner, _, attr = qualname.rpartition(".")
     return getattr(module.get_submodule(owner) if owner else module, attr)
+
+
+def put_parameter(module: nn.Module, name: str, value: Any) -> None:
+    """Put ``value`` in ``module``'s parameter place ``name`` (it need not be a ``Parameter``: a
+    weight version). Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) run on their own list
+    of their weights, kept up to date here as their ``__setattr__`` does (else they re-read it at
+    their next call and hold the replaced tensor alive until then)."""
+    module._parameters[name] = value
+    names = module.__dict__.get("_flat_weights_names")
+    if names is not None and name in names:
+        module.__dict__["_flat_weights"][names.index(name)] = value
 
 
 def install(holder: nn.Module, module: nn.Module, attributes: Sequence[str],

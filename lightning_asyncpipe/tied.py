@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_asyncpipe.policies.slots import put_parameter
+from lightning_asyncpipe.split import put_parameter
 from lightning_asyncpipe.topology import Topology
 from lightning_asyncpipe.wgrad import grad_into_live
 

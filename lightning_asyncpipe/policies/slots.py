@@ -17,19 +17,9 @@ from typing import Any, Union
 from torch import Tensor, nn
 
 from lightning_asyncpipe.errors import AsyncPipeError
+from lightning_asyncpipe.split import put_parameter
 
-__all__ = ["ParameterSlots", "put_parameter"]
-
-
-def put_parameter(module: nn.Module, name: str, value: Any) -> None:
-    """Put ``value`` in ``module``'s parameter place ``name`` (it need not be a ``Parameter``: a
-    weight version). Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) run on their own list
-    of their weights, kept up to date here as their ``__setattr__`` does (else they re-read it at
-    their next call and hold the replaced tensor alive until then)."""
-    module._parameters[name] = value
-    names = module.__dict__.get("_flat_weights_names")
-    if names is not None and name in names:
-        module.__dict__["_flat_weights"][names.index(name)] = value
+__all__ = ["ParameterSlots"]
 
 
 class ParameterSlots:
