@@ -428,7 +428,13 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
             self._executor.pop_timings()  # evaluation does not count in the training metrics
         output = step.merged_outputs() if step.outputs else None
         records = self._recorder.pop()
-        shared = self._hand_off(output if share_output else None, records, training=False)
+        # the last stage's module outputs go along, so that the rest of the step runs on every stage
+        shared, module_outputs = self._hand_off((output if share_output else None, step.module_outputs), records,
+                                                training=False)  # fmt: skip
+        self._last_output = self._last_output[0] if isinstance(self._last_output, tuple) else self._last_output
+        if module_outputs and not step.module_outputs:
+            with self._recording():
+                step.run_rest(module_outputs)
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is not None and (trainer.validating or trainer.testing or trainer.sanity_checking):
             if trainer._evaluation_loop.batch_progress.is_last_batch:

@@ -10,6 +10,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.distributed import (
+    _all_gather_ddp_if_available,
     _distributed_is_initialized,
     _get_default_process_group_backend_for_device,
     _init_dist_connection,
@@ -317,6 +318,20 @@ class LaunchGlue:
                 group = self._groups.stage if self._groups is not None else None
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
+
+    @override
+    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
+        """``self.all_gather`` in user code: over the replicas of this stage, stacked as under DDP
+        (``(replicas, ...)``; with one replica the tensor itself, as Lightning documents for a world
+        of one). The stages of one pipeline hold the same evaluation results (every
+        stage runs the step's code after the model call on the last stage's outputs), so gathering
+        over the world would repeat each one once per stage. ``LightningModule.all_gather`` passes
+        the world group when the user names none: read as the default too."""
+        if group is None or group is _group.WORLD:
+            if self.topology.n_replicas == 1 or not _distributed_is_initialized():
+                return tensor
+            group = self._groups.stage if self._groups is not None else None
+        return _all_gather_ddp_if_available(tensor, group=group, sync_grads=sync_grads)
 
     @override
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:

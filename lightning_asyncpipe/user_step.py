@@ -18,12 +18,13 @@ the logger sees one value per batch, equal to what a single-device run logs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, overload
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 from lightning_asyncpipe.errors import PipelineConfigError
 from lightning_asyncpipe.microbatch import merge, signature
@@ -110,6 +111,9 @@ class UserStep:
     loss_scale: float = 1.0
     """Multiplies every backpropagated loss (``1 / accumulate_grad_batches``, as Lightning scales it)."""
     outputs: dict[int, Any] = field(default_factory=dict)
+    module_outputs: dict[int, Any] = field(default_factory=dict)
+    """Evaluation, last stage: what the pipelined module returned for each micro-batch (for
+    :meth:`run_rest` on the other stages)."""
     _calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
 
     @property
@@ -200,6 +204,8 @@ class UserStep:
             raise self._never_called(result)
         self.outputs[microbatch] = result
         if not self.training:
+            self.module_outputs[microbatch] = pytree.tree_map(
+                lambda t: t.detach() if isinstance(t, Tensor) else t, outputs)
             return None
         if result is None:
             raise PipelineConfigError(
@@ -210,6 +216,19 @@ class UserStep:
             )
         loss = result.get("loss") if isinstance(result, dict) else result
         return loss * (self.weights[microbatch - self.first] * self.loss_scale) if isinstance(loss, Tensor) else loss
+
+    def run_rest(self, module_outputs: Mapping[int, Any]) -> None:
+        """Evaluation, a stage other than the last: run the user's step for every micro-batch with
+        the pipelined module's call answered by the last stage's ``module_outputs``, so that the
+        step's code after the call (appending to ``self.validation_step_outputs``, metric updates)
+        runs on every stage as under DDP. Its ``self.log`` calls are dropped: every stage logs the
+        last stage's records."""
+        self.recorder.enabled = False
+        try:
+            for j in sorted(module_outputs):
+                self.outputs[j] = self._call(j, lambda args, kwargs, _out=module_outputs[j]: _out)
+        finally:
+            self.recorder.enabled = True
 
     def _never_called(self, result: Any = ...) -> PipelineConfigError:
         skipping = (" Returning None skips a training batch (before the call); evaluation steps cannot skip."

@@ -179,3 +179,27 @@ def test_accumulate_grad_batches_under_an_asynchronous_policy_is_one_batch_of_k_
     for name, value in merged["state"].items():
         assert torch.equal(window["state"][name], value), name
 
+
+
+def test_epoch_end_hooks_see_every_step_output_on_every_rank(tmp_path) -> None:
+    """A list filled after the model call in validation_step / test_step and read at epoch end: on
+    every rank the same outputs as the plain Trainer (before: empty on the first stage, whose step
+    stopped at the call, so ``torch.cat`` failed there); ``all_gather`` gathers over data-parallel
+    replicas, not over the stages (one replica: the tensor itself, as on one device; before: stacked
+    once per stage)."""
+    import json
+
+    result = run_script("fit_contract.py", tmp_path, "eval_outputs", timeout=240)
+    assert result.returncode == 0, result.output[-5000:]
+    plain = json.loads((tmp_path / "eval-plain-rank0.json").read_text())
+    # sanity check (2 batches), 2 epochs, then test: 20 samples in batches of 8, 8, 4
+    assert [(s["kind"], s["n"], s["gathered"]) for s in plain] == [("val", 16, [16])] + [("val", 20, [20])] * 2 + [
+        ("test", 20, [20])]  # fmt: skip
+    for policy in ("pipedream_flush", "pipedream_2bw"):
+        ranks = [json.loads((tmp_path / f"eval-{policy}-rank{r}.json").read_text()) for r in range(2)]
+        assert ranks[0] == ranks[1], policy
+        assert [(s["kind"], s["n"]) for s in ranks[0]] == [(s["kind"], s["n"]) for s in plain], policy
+        assert all(s["gathered"] == [s["n"]] for s in ranks[0]), policy  # one replica: as on one device
+    flush = json.loads((tmp_path / "eval-pipedream_flush-rank1.json").read_text())
+    for a, b in zip(flush, plain):  # synchronous: the same model, so the same errors
+        assert a["mse"] == pytest.approx(b["mse"], rel=1e-5, abs=1e-7), (a, b)

@@ -18,6 +18,10 @@ Usage: python fit_contract.py OUT_DIR CASE
                   OUT_DIR/<name>.pt
   accumulate_async: pipedream_2bw with accumulate_grad_batches=2 on batches of 8 (2 micro-batches) and
                   without on batches of 16 (4 micro-batches); saves OUT_DIR/window.pt, merged.pt
+  eval_outputs:   Lightning 2.x's way to use all of an epoch's step outputs (a list filled in
+                  validation_step / test_step after the model call, read with all_gather in the
+                  epoch-end hook): a plain Trainer, pipedream_flush and pipedream_2bw on 2 stages;
+                  every rank writes what its hooks saw to OUT_DIR/eval-<name>-rank<r>.json
   two_optimizers: a module whose configure_optimizers returns two optimizers over the first and
                   the last layer, on 2 stages (must fail at setup with the strategy's message)
 """
@@ -75,6 +79,43 @@ class TwoOptimizers(SeqRegressor):
 
     def configure_optimizers(self):  # type: ignore[no-untyped-def]
         return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[-1].parameters(), lr=0.1)]
+
+
+class CollectingOutputs(SeqRegressor):
+    """Keeps each validation and test step's squared errors in a list (the pattern Lightning 2.0's
+    migration guide gives for the removed ``validation_epoch_end``) and reduces them at epoch end."""
+
+    def __init__(self, out: str, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        self.out, self.seen = out, []
+        self.validation_step_outputs: list[torch.Tensor] = []
+        self.test_step_outputs: list[torch.Tensor] = []
+
+    def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        self.validation_step_outputs.append((self(x) - y).square().mean(1))
+
+    def test_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        self.test_step_outputs.append((self(x) - y).square().mean(1))
+
+    def _epoch_end(self, kind: str, outputs: list[torch.Tensor]) -> None:
+        errors = torch.cat(outputs)
+        gathered = self.all_gather(errors)
+        self.seen.append({"kind": kind, "n": errors.numel(), "mse": float(errors.mean()),
+                          "gathered": list(gathered.shape)})  # fmt: skip
+        self.log(f"{kind}_mse", errors.mean())
+        outputs.clear()
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val", self.validation_step_outputs)
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test", self.test_step_outputs)
+        import json
+
+        with open(f"{self.out}-rank{self.global_rank}.json", "w") as fh:
+            json.dump(self.seen, fh)
 
 
 def fit(model: L.LightningModule, devices: int, strategy: object) -> None:
@@ -187,6 +228,18 @@ def main() -> None:
             trainer.fit(model, loader(regression_data(64), batch))
             if trainer.global_rank == 0:
                 torch.save({"state": model.state_dict(), "steps": trainer.global_step}, os.path.join(out, f"{name}.pt"))
+    elif case == "eval_outputs":
+        for name in ("plain", "pipedream_flush", "pipedream_2bw"):
+            L.seed_everything(0)
+            model = CollectingOutputs(os.path.join(out, f"eval-{name}"), optimizer="adamw", lr=0.02, depth=4)
+            trainer = L.Trainer(
+                accelerator="cpu", devices=1 if name == "plain" else 2, max_epochs=2, logger=False,
+                strategy="auto" if name == "plain" else AsyncPipeStrategy(policy=name, microbatches=2),
+                enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+            )  # fmt: skip
+            val = loader(regression_data(20, seed=1), 8)  # batches of 8, 8, 4
+            trainer.fit(model, loader(regression_data(48), 8), val)
+            trainer.test(model, val)
     elif case == "two_optimizers":
         L.seed_everything(0)
         fit(TwoOptimizers(depth=3), 2, AsyncPipeStrategy(policy="pipedream_flush", microbatches=2))
