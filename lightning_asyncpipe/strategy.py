@@ -94,6 +94,12 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
             newest that has arrived without waiting (two steps earlier); ``"own"`` makes every rank
             wait at the step's end for the last stage to finish the step, which costs the overlap
             across the step boundary.
+        eval_steps_everywhere: in evaluation, send the last stage's outputs of the pipelined module
+            to the other stages, which run the rest of ``validation_step`` / ``test_step`` /
+            ``predict_step`` on them, so that what those steps keep (a list of step outputs for the
+            epoch-end hooks) is the same on every rank. ``False`` saves that transfer (large for a
+            language model's logits) when only the logged values matter: the code after the call
+            then runs on the last stage only.
         pipeline_metrics: log ``pipeline/stage{s}/...`` metrics (bubble, staleness, stashed
             weights, activations, transfer wait) and throughput every ``log_every_n_steps`` steps.
 
@@ -132,6 +138,7 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         detect_anomaly: bool = False,
         defer_weight_grad: bool = True,
         step_outputs: Literal["latest", "own"] = "latest",
+        eval_steps_everywhere: bool = True,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -177,6 +184,9 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         if step_outputs not in ("latest", "own"):
             raise PipelineConfigError(f"{name} takes step_outputs='latest' or 'own', got {step_outputs!r}.")
         self.step_outputs = step_outputs
+        if not isinstance(eval_steps_everywhere, bool):
+            raise PipelineConfigError(f"{name} takes eval_steps_everywhere=True or False, got {eval_steps_everywhere!r}.")
+        self.eval_steps_everywhere = eval_steps_everywhere
         self.measured_costs: Optional[list[float]] = None
         self.resolved_balance: Optional[list[int]] = None
         self._metrics: Optional[PipelineMetrics] = None
@@ -429,8 +439,8 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
         output = step.merged_outputs() if step.outputs else None
         records = self._recorder.pop()
         # the last stage's module outputs go along, so that the rest of the step runs on every stage
-        shared, module_outputs = self._hand_off((output if share_output else None, step.module_outputs), records,
-                                                training=False)  # fmt: skip
+        sent = step.module_outputs if self.eval_steps_everywhere else None
+        shared, module_outputs = self._hand_off((output if share_output else None, sent), records, training=False)
         self._last_output = self._last_output[0] if isinstance(self._last_output, tuple) else self._last_output
         if module_outputs and not step.module_outputs:
             with self._recording():

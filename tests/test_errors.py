@@ -3,6 +3,7 @@ that fails mid-training ends every process quickly with the original error visib
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import lightning as L
@@ -127,6 +128,15 @@ def test_manual_optimization() -> None:
 def test_unknown_policy() -> None:
     with pytest.raises(PipelineConfigError, match="Unknown pipeline policy 'pipedraem'. Available policies: .*gpipe"):
         AsyncPipeStrategy(policy="pipedraem")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("step_outputs", "mine", "step_outputs='latest' or 'own', got 'mine'"),
+    ("eval_steps_everywhere", "yes", "eval_steps_everywhere=True or False, got 'yes'"),
+])  # fmt: skip
+def test_bad_output_options_fail_at_construction(option: str, value: str, message: str) -> None:
+    with pytest.raises(PipelineConfigError, match=re.escape(message)):
+        AsyncPipeStrategy(**{option: value})  # type: ignore[arg-type]
 
 
 def _async_window_trainer(max_epochs: int) -> L.Trainer:

@@ -203,3 +203,6 @@ def test_epoch_end_hooks_see_every_step_output_on_every_rank(tmp_path) -> None:
     flush = json.loads((tmp_path / "eval-pipedream_flush-rank1.json").read_text())
     for a, b in zip(flush, plain):  # synchronous: the same model, so the same errors
         assert a["mse"] == pytest.approx(b["mse"], rel=1e-5, abs=1e-7), (a, b)
+    # eval_steps_everywhere=False: no transfer of the outputs, the list is filled on the last stage only
+    last, first = (json.loads((tmp_path / f"eval-pipedream_flush_last-rank{r}.json").read_text()) for r in range(2))
+    assert [s["n"] for s in last] == [s["n"] for s in plain] and all(s["n"] == 0 for s in first)

@@ -20,7 +20,8 @@ Usage: python fit_contract.py OUT_DIR CASE
                   without on batches of 16 (4 micro-batches); saves OUT_DIR/window.pt, merged.pt
   eval_outputs:   Lightning 2.x's way to use all of an epoch's step outputs (a list filled in
                   validation_step / test_step after the model call, read with all_gather in the
-                  epoch-end hook): a plain Trainer, pipedream_flush and pipedream_2bw on 2 stages;
+                  epoch-end hook): a plain Trainer, pipedream_flush and pipedream_2bw on 2 stages, and
+                  pipedream_flush with eval_steps_everywhere=False;
                   every rank writes what its hooks saw to OUT_DIR/eval-<name>-rank<r>.json
   two_optimizers: a module whose configure_optimizers returns two optimizers over the first and
                   the last layer, on 2 stages (must fail at setup with the strategy's message)
@@ -100,7 +101,7 @@ class CollectingOutputs(SeqRegressor):
         self.test_step_outputs.append((self(x) - y).square().mean(1))
 
     def _epoch_end(self, kind: str, outputs: list[torch.Tensor]) -> None:
-        errors = torch.cat(outputs)
+        errors = torch.cat(outputs) if outputs else torch.zeros(0)  # empty: eval_steps_everywhere=False
         gathered = self.all_gather(errors)
         self.seen.append({"kind": kind, "n": errors.numel(), "mse": float(errors.mean()),
                           "gathered": list(gathered.shape)})  # fmt: skip
@@ -229,12 +230,14 @@ def main() -> None:
             if trainer.global_rank == 0:
                 torch.save({"state": model.state_dict(), "steps": trainer.global_step}, os.path.join(out, f"{name}.pt"))
     elif case == "eval_outputs":
-        for name in ("plain", "pipedream_flush", "pipedream_2bw"):
+        for name in ("plain", "pipedream_flush", "pipedream_2bw", "pipedream_flush_last"):
             L.seed_everything(0)
             model = CollectingOutputs(os.path.join(out, f"eval-{name}"), optimizer="adamw", lr=0.02, depth=4)
+            policy = name.removesuffix("_last")
             trainer = L.Trainer(
                 accelerator="cpu", devices=1 if name == "plain" else 2, max_epochs=2, logger=False,
-                strategy="auto" if name == "plain" else AsyncPipeStrategy(policy=name, microbatches=2),
+                strategy="auto" if name == "plain" else AsyncPipeStrategy(
+                    policy=policy, microbatches=2, eval_steps_everywhere=not name.endswith("_last")),
                 enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
             )  # fmt: skip
             val = loader(regression_data(20, seed=1), 8)  # batches of 8, 8, 4
