@@ -94,10 +94,11 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
             newest that has arrived without waiting (two steps earlier); ``"own"`` makes every rank
             wait at the step's end for the last stage to finish the step, which costs the overlap
             across the step boundary.
-        eval_steps_everywhere: in evaluation, send the last stage's outputs of the pipelined module
-            to the other stages, which run the rest of ``validation_step`` / ``test_step`` /
-            ``predict_step`` on them, so that what those steps keep (a list of step outputs for the
-            epoch-end hooks) is the same on every rank. ``False`` saves that transfer (large for a
+        eval_steps_everywhere: in validation and test, send the last stage's outputs of the
+            pipelined module to the other stages, which run the rest of ``validation_step`` /
+            ``test_step`` on them, so that what those steps keep (a list of step outputs for the
+            epoch-end hooks) and return (callbacks' ``outputs``) is the same on every rank
+            (``predict_step``'s predictions are shared instead). ``False`` saves that transfer (large for a
             language model's logits) when only the logged values matter: the code after the call
             then runs on the last stage only.
         pipeline_metrics: log ``pipeline/stage{s}/...`` metrics (bubble, staleness, stashed
@@ -438,13 +439,16 @@ class AsyncPipeStrategy(LaunchGlue, ChecksGlue, StateGlue, HandOffGlue, Parallel
             self._executor.pop_timings()  # evaluation does not count in the training metrics
         output = step.merged_outputs() if step.outputs else None
         records = self._recorder.pop()
-        # the last stage's module outputs go along, so that the rest of the step runs on every stage
-        sent = step.module_outputs if self.eval_steps_everywhere else None
+        # validation and test: the last stage's module outputs go along, so that the rest of the step
+        # runs on every stage (predict shares the step's own output instead; one stage needs nothing)
+        everywhere = self.eval_steps_everywhere and not share_output and self.topology.n_stages > 1
+        sent = step.module_outputs if everywhere else None
         shared, module_outputs = self._hand_off((output if share_output else None, sent), records, training=False)
         self._last_output = self._last_output[0] if isinstance(self._last_output, tuple) else self._last_output
         if module_outputs and not step.module_outputs:
             with self._recording():
                 step.run_rest(module_outputs)
+            output = step.merged_outputs()  # what the step returned here, as on the last stage
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is not None and (trainer.validating or trainer.testing or trainer.sanity_checking):
             if trainer._evaluation_loop.batch_progress.is_last_batch:

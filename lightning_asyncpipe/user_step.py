@@ -218,7 +218,7 @@ class UserStep:
         return loss * (self.weights[microbatch - self.first] * self.loss_scale) if isinstance(loss, Tensor) else loss
 
     def run_rest(self, module_outputs: Mapping[int, Any]) -> None:
-        """Evaluation, a stage other than the last: run the user's step for every micro-batch with
+        """Validation and test, a stage other than the last: run the user's step for every micro-batch with
         the pipelined module's call answered by the last stage's ``module_outputs``, so that the
         step's code after the call (appending to ``self.validation_step_outputs``, metric updates)
         runs on every stage as under DDP. Its ``self.log`` calls are dropped: every stage logs the

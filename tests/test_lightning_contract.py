@@ -201,8 +201,10 @@ def test_epoch_end_hooks_see_every_step_output_on_every_rank(tmp_path) -> None:
         assert [(s["kind"], s["n"]) for s in ranks[0]] == [(s["kind"], s["n"]) for s in plain], policy
         assert all(s["gathered"] == [s["n"]] for s in ranks[0]), policy  # one replica: as on one device
     flush = json.loads((tmp_path / "eval-pipedream_flush-rank1.json").read_text())
-    for a, b in zip(flush, plain):  # synchronous: the same model, so the same errors
+    for a, b in zip(flush, plain):  # synchronous: the same model, so the same errors and step returns
         assert a["mse"] == pytest.approx(b["mse"], rel=1e-5, abs=1e-7), (a, b)
+        assert a["returned"] == pytest.approx(b["returned"], rel=1e-5, abs=1e-7), (a, b)
+    assert [len(s["returned"]) for s in plain] == [2, 3, 3, 0]  # validation batches; none in test
     # eval_steps_everywhere=False: no transfer of the outputs, the list is filled on the last stage only
     last, first = (json.loads((tmp_path / f"eval-pipedream_flush_last-rank{r}.json").read_text()) for r in range(2))
     assert [s["n"] for s in last] == [s["n"] for s in plain] and all(s["n"] == 0 for s in first)

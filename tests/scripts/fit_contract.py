@@ -91,10 +91,16 @@ class CollectingOutputs(SeqRegressor):
         self.out, self.seen = out, []
         self.validation_step_outputs: list[torch.Tensor] = []
         self.test_step_outputs: list[torch.Tensor] = []
+        self.returned: list[float] = []  # what validation_step returned, as callbacks get it
 
     def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
         x, y = batch
-        self.validation_step_outputs.append((self(x) - y).square().mean(1))
+        errors = (self(x) - y).square().mean(1)
+        self.validation_step_outputs.append(errors)
+        return errors.mean()  # a loss-like value: micro-batches merge by their weighted mean
+
+    def on_validation_batch_end(self, outputs, batch, batch_idx, dataloader_idx=0):  # type: ignore[no-untyped-def]
+        self.returned.append(float(outputs) if outputs is not None else None)
 
     def test_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
         x, y = batch
@@ -104,7 +110,8 @@ class CollectingOutputs(SeqRegressor):
         errors = torch.cat(outputs) if outputs else torch.zeros(0)  # empty: eval_steps_everywhere=False
         gathered = self.all_gather(errors)
         self.seen.append({"kind": kind, "n": errors.numel(), "mse": float(errors.mean()),
-                          "gathered": list(gathered.shape)})  # fmt: skip
+                          "gathered": list(gathered.shape), "returned": self.returned})  # fmt: skip
+        self.returned = []
         self.log(f"{kind}_mse", errors.mean())
         outputs.clear()
 
